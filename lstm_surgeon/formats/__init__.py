@@ -1,0 +1,96 @@
+"""File formats: each module reads one format into the neutral `Checkpoint` model and writes it back.
+
+Adding a format means one new module with the same verbs and one line in `FORMATS`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from lstm_surgeon.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from lstm_surgeon.checkpoint import Checkpoint, OutputTensor
+
+
+class CheckpointFormat(Protocol):
+    """The verbs every format module provides."""
+
+    name: str
+    suffixes: tuple[str, ...]
+
+    def sniff(self, head: bytes) -> bool:
+        """True when the file's first bytes say it is of this format."""
+
+    def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
+        """Parse and validate the file's structure; read no tensor data beyond what that needs."""
+
+    def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
+        """After storages `keys` were patched in `buffer`, update any checksum the format keeps."""
+
+    def write(self, out: BinaryIO, tensors: list[OutputTensor], source: Checkpoint) -> None:
+        """Write a new file holding `tensors` in this order, keeping everything else of `source` that
+        the format can carry (metadata, containers, key order)."""
+
+
+def _formats() -> tuple[CheckpointFormat, ...]:
+    from lstm_surgeon.formats import safetensors_format, torch_zip
+
+    return (safetensors_format.FORMAT, torch_zip.FORMAT)
+
+
+def format_for_suffix(path: Path) -> CheckpointFormat | None:
+    """The format an output path's suffix asks for (None when the suffix says nothing)."""
+    for fmt in _formats():
+        if path.suffix.lower() in fmt.suffixes:
+            return fmt
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint of any supported format, detected by content, not by suffix."""
+    path = Path(path)
+    buffer = _map_file(path)
+    head = bytes(buffer[:64])
+    for fmt in _formats():
+        if fmt.sniff(head):
+            try:
+                return fmt.read(path, buffer)
+            except BaseException:
+                _close(buffer)
+                raise
+    _close(buffer)
+    raise CheckpointError(
+        f"{path}: not a checkpoint lstm-surgeon can read (expected a torch.save zip file or safetensors)"
+    )
+
+
+def _map_file(path: Path) -> mmap.mmap | bytes:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    if info.st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    try:
+        with open(path, "rb") as file:
+            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror}") from None
+
+
+def _close(buffer: mmap.mmap | bytes) -> None:
+    if isinstance(buffer, mmap.mmap):
+        buffer.close()

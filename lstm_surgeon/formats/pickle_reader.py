@@ -1,0 +1,196 @@
+"""Read the pickle inside a torch.save file without executing anything from it.
+
+`pickle` only runs code through the globals it resolves (`find_class`). This unpickler never resolves a
+real global: tensor rebuilders become `TensorStub` records, storages become `StorageStub` records, a few
+plain containers (OrderedDict, set) are allowed, and every other global becomes an inert `Opaque` type that
+remembers its name and arguments. A payload that would call `os.system` gets an `Opaque` object instead.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lstm_surgeon.dtypes import BY_NAME, BY_TORCH_STORAGE_CLASS, DType
+
+
+class StorageType:
+    """What `torch.FloatStorage` (and friends) resolve to: the name of an element type ("" untyped)."""
+
+    def __init__(self, dtype_name: str) -> None:
+        self.dtype_name = dtype_name
+
+
+class DTypeName:
+    """What `torch.float16` (and friends) resolve to when a pickle names a dtype."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _canonical_dtype(marker: Any) -> DType | None:
+    """The shared `DType` a marker names. Markers are fresh objects per lookup, so a hostile pickle
+    that mutates one (BUILD can set attributes) changes nothing outside its own tensors."""
+    name = getattr(marker, "dtype_name", None) or getattr(marker, "name", None)
+    return BY_NAME.get(name) if isinstance(name, str) else None
+
+
+@dataclass(frozen=True)
+class StorageStub:
+    """A persistent id `('storage', type, key, location, numel)`: the storage lives in `data/<key>`."""
+
+    key: str
+    dtype: DType | None
+    location: str
+    numel: int
+
+
+@dataclass
+class TensorStub:
+    """A tensor the pickle would rebuild: a view of a storage."""
+
+    storage: StorageStub
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: DType
+    requires_grad: bool = False
+    is_parameter: bool = False
+
+
+class Opaque:
+    """An instance of a class lstm-surgeon does not re-create: it keeps the arguments and state only."""
+
+    qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
+        instance = super().__new__(cls)
+        instance.args = args
+        instance.state = None
+        instance.items = []
+        return instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.items.append((len(self.items), value))
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+def _opaque_type(module: str, name: str) -> type[Opaque]:
+    return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
+
+
+def _rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> TensorStub | Opaque:
+    if not isinstance(storage, StorageStub) or storage.dtype is None:
+        return _opaque_type("torch._utils", "_rebuild_tensor_v2")(storage)
+    return TensorStub(
+        storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype, bool(requires_grad)
+    )
+
+
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    dtype: Any = None,
+    metadata: Any = None,
+) -> TensorStub | Opaque:
+    element_type = _canonical_dtype(dtype) if isinstance(dtype, DTypeName) else None
+    if not isinstance(storage, StorageStub) or element_type is None:
+        return _opaque_type("torch._utils", "_rebuild_tensor_v3")(storage)
+    return TensorStub(
+        storage, int(storage_offset), tuple(size), tuple(stride), element_type, bool(requires_grad)
+    )
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
+    if isinstance(data, TensorStub):
+        data.is_parameter = True
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if func in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
+        return func(*args)
+    return _opaque_type("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
+
+
+def _torch_size(dims: Any = ()) -> tuple[Any, ...]:
+    return tuple(dims)
+
+
+_ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Size"): _torch_size,
+}
+_UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Builds stubs and inert objects; resolves no real global, so nothing in the file can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if (module, name) in _UNTYPED_STORAGES:
+            return StorageType("")
+        if module == "torch" and name in BY_TORCH_STORAGE_CLASS:
+            return StorageType(BY_TORCH_STORAGE_CLASS[name].name)
+        if module == "torch" and name in BY_NAME:
+            return DTypeName(name)
+        return _opaque_type(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], StorageType)
+        ):
+            _, storage_type, key, location, numel = pid
+            dtype = _canonical_dtype(storage_type)
+            return StorageStub(str(key), dtype, str(location), int(numel))
+        raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+
+
+def load_safely(data: bytes) -> Any:
+    """The object tree of a pickle, with stubs in place of tensors, storages and foreign objects."""
+    return SafeUnpickler(io.BytesIO(data)).load()

@@ -1,0 +1,160 @@
+"""A strict reader of the zip container that torch.save writes, for patching records where they lie.
+
+Python's `zipfile` hides what a patcher needs: where each record's bytes start and every place its CRC-32
+is stored (local header, data descriptor, central directory). This reader finds them and refuses what
+lstm-surgeon cannot patch safely: compressed records, records out of bounds, inconsistent sizes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from lstm_surgeon.errors import CheckpointError
+
+LOCAL_HEADER = b"PK\x03\x04"
+CENTRAL_HEADER = b"PK\x01\x02"
+END_OF_CENTRAL_DIRECTORY = b"PK\x05\x06"
+ZIP64_END = b"PK\x06\x06"
+ZIP64_LOCATOR = b"PK\x06\x07"
+DATA_DESCRIPTOR = b"PK\x07\x08"
+ZIP64_EXTRA_ID = 0x0001
+STORED = 0
+FLAG_DATA_DESCRIPTOR = 0x08
+MAX_COMMENT = 0xFFFF
+
+
+@dataclass(frozen=True)
+class ZipRecord:
+    """One record of the archive: where its bytes lie and where its CRC-32 is written."""
+
+    name: str
+    data_offset: int
+    size: int
+    crc: int
+    crc_offsets: tuple[int, ...]  # every file offset holding this record's CRC-32
+
+    def check_crc(self, buffer: mmap.mmap | bytes) -> bool:
+        return crc32_of(buffer, self.data_offset, self.size) == self.crc
+
+
+def crc32_of(buffer: mmap.mmap | bytes, offset: int, size: int, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a byte range, in chunks so a large storage is never copied whole."""
+    crc = 0
+    view = memoryview(buffer)
+    try:
+        for start in range(offset, offset + size, chunk):
+            crc = zlib.crc32(view[start : min(start + chunk, offset + size)], crc)
+    finally:
+        view.release()
+    return crc
+
+
+def write_crc(buffer: mmap.mmap, record: ZipRecord) -> int:
+    """Recompute a patched record's CRC-32 and store it everywhere the archive keeps it."""
+    crc = crc32_of(buffer, record.data_offset, record.size)
+    for offset in record.crc_offsets:
+        struct.pack_into("<I", buffer, offset, crc)
+    return crc
+
+
+def read_records(path: Path, buffer: mmap.mmap | bytes) -> dict[str, ZipRecord]:
+    """Every record of the archive, by name, in central-directory order."""
+    directory_offset, count = _find_central_directory(path, buffer)
+    records: dict[str, ZipRecord] = {}
+    position = directory_offset
+    for _ in range(count):
+        record, position = _read_central_entry(path, buffer, position)
+        if record.name in records:
+            raise CheckpointError(f"{path}: the zip archive holds {record.name!r} twice")
+        records[record.name] = record
+    return records
+
+
+def _unpack(path: Path, fmt: str, buffer: mmap.mmap | bytes, offset: int) -> tuple[int, ...]:
+    if offset < 0 or offset + struct.calcsize(fmt) > len(buffer):
+        raise CheckpointError(f"{path}: truncated or corrupt zip archive")
+    return struct.unpack_from(fmt, buffer, offset)
+
+
+def _find_central_directory(path: Path, buffer: mmap.mmap | bytes) -> tuple[int, int]:
+    size = len(buffer)
+    search_from = max(0, size - 22 - MAX_COMMENT)
+    end = buffer.rfind(END_OF_CENTRAL_DIRECTORY, search_from)
+    if end < 0 or end + 22 > size:
+        raise CheckpointError(f"{path}: truncated zip archive (no end of central directory)")
+    count, _, directory_offset = _unpack(path, "<HII", buffer, end + 10)
+    locator = end - 20
+    if locator >= 0 and buffer[locator : locator + 4] == ZIP64_LOCATOR:
+        (zip64_end,) = _unpack(path, "<Q", buffer, locator + 8)
+        if buffer[zip64_end : zip64_end + 4] != ZIP64_END:
+            raise CheckpointError(f"{path}: corrupt zip archive (bad zip64 end record)")
+        count, _, directory_offset = _unpack(path, "<QQQ", buffer, zip64_end + 32)
+    if directory_offset > size:
+        raise CheckpointError(f"{path}: truncated or corrupt zip archive (directory out of bounds)")
+    return directory_offset, count
+
+
+def _read_central_entry(
+    path: Path, buffer: mmap.mmap | bytes, position: int
+) -> tuple[ZipRecord, int]:
+    if buffer[position : position + 4] != CENTRAL_HEADER:
+        raise CheckpointError(f"{path}: corrupt zip archive (bad central directory entry)")
+    (flags, method, crc, compressed, size, name_len, extra_len, comment_len) = _unpack(
+        path, "<HH4xIIIHHH", buffer, position + 8
+    )
+    (local_offset,) = _unpack(path, "<I", buffer, position + 42)
+    name = bytes(buffer[position + 46 : position + 46 + name_len]).decode("utf-8", "replace")
+    extra = bytes(buffer[position + 46 + name_len : position + 46 + name_len + extra_len])
+    size, compressed, local_offset = _apply_zip64(extra, size, compressed, local_offset)
+    if method != STORED or compressed != size:
+        raise CheckpointError(
+            f"{path}: zip record {name!r} is compressed; torch.save writes stored records only"
+        )
+    data_offset, local_crc_offset = _local_data_offset(path, buffer, local_offset, name)
+    if data_offset + size > len(buffer):
+        raise CheckpointError(f"{path}: truncated zip archive (record {name!r} runs past the end)")
+    crc_offsets = [position + 16]
+    if flags & FLAG_DATA_DESCRIPTOR:
+        crc_offsets.append(_descriptor_crc_offset(path, buffer, data_offset + size))
+    else:
+        crc_offsets.append(local_crc_offset)
+    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets))
+    return record, position + 46 + name_len + extra_len + comment_len
+
+
+def _apply_zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
+    """Replace 0xFFFFFFFF fields by their 64-bit values from the zip64 extra field."""
+    position = 0
+    while position + 4 <= len(extra):
+        field_id, field_len = struct.unpack_from("<HH", extra, position)
+        body = extra[position + 4 : position + 4 + field_len]
+        if field_id == ZIP64_EXTRA_ID:
+            values = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
+            if size == 0xFFFFFFFF and values:
+                size = values.pop(0)
+            if compressed == 0xFFFFFFFF and values:
+                compressed = values.pop(0)
+            if offset == 0xFFFFFFFF and values:
+                offset = values.pop(0)
+        position += 4 + field_len
+    return size, compressed, offset
+
+
+def _local_data_offset(
+    path: Path, buffer: mmap.mmap | bytes, offset: int, name: str
+) -> tuple[int, int]:
+    if buffer[offset : offset + 4] != LOCAL_HEADER:
+        raise CheckpointError(f"{path}: corrupt zip archive (no local header for {name!r})")
+    name_len, extra_len = _unpack(path, "<HH", buffer, offset + 26)
+    return offset + 30 + name_len + extra_len, offset + 14
+
+
+def _descriptor_crc_offset(path: Path, buffer: mmap.mmap | bytes, offset: int) -> int:
+    if buffer[offset : offset + 4] == DATA_DESCRIPTOR:
+        offset += 4
+    _unpack(path, "<I", buffer, offset)
+    return offset
