@@ -102,14 +102,16 @@ def discover(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) -> Discove
             continue
         if layer is not None:
             result.layers.append(layer)
-    globs = list(layer_globs)
-    if globs:
-        result.layers = [layer for layer in result.layers if matches_any(layer.name, globs)]
+    result.layers = select_layers(result.layers, layer_globs)
     return result
 
 
-def matches_any(name: str, globs: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+def select_layers(layers: list[RecurrentLayer], globs: Iterable[str]) -> list[RecurrentLayer]:
+    """The layers whose name matches any of the globs (all of them when no glob is given)."""
+    globs = list(globs)
+    if not globs:
+        return list(layers)
+    return [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, g) for g in globs)]
 
 
 def _group_by_module(tensors: Iterable[TensorRef]) -> dict[str, dict[str, TensorRef]]:

@@ -1,0 +1,84 @@
+"""`inspect` as a library call: the layers of a checkpoint with their gate statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lstm_surgeon.checkpoint import Checkpoint
+from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
+from lstm_surgeon.stats import CellStats, layer_stats
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: RecurrentLayer
+    cells: tuple[CellStats, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        layer = self.layer
+        return {
+            "name": layer.name,
+            "kind": layer.kind,
+            "input_size": layer.input_size,
+            "hidden_size": layer.hidden_size,
+            "proj_size": layer.proj_size,
+            "num_layers": layer.num_layers,
+            "bidirectional": layer.bidirectional,
+            "bias": layer.bias,
+            "dtype": layer.dtype,
+            "tensors": sorted(layer.tensor_names()),
+            "cells": [cell.to_dict() for cell in self.cells],
+        }
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything `inspect` reports, as data: tables and JSON are both rendered from this."""
+
+    path: str
+    format: str
+    size: int
+    tensor_count: int
+    layers: tuple[LayerReport, ...]
+    other_tensor_count: int
+    other_tensor_bytes: int
+    has_optimizer_state: bool
+    metadata: dict[str, str] | None
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size": self.size,
+            "tensor_count": self.tensor_count,
+            "has_optimizer_state": self.has_optimizer_state,
+            "metadata": self.metadata,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "other_tensors": {"count": self.other_tensor_count, "bytes": self.other_tensor_bytes},
+            "warnings": list(self.warnings),
+        }
+
+
+def inspect_checkpoint(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) -> Inspection:
+    """Discover the recurrent layers and compute their gate statistics (reads only bias tensors)."""
+    found = discover(checkpoint)
+    selected = select_layers(found.layers, layer_globs)
+    recurrent = found.recurrent_tensor_names()
+    others = [ref for name, ref in checkpoint.tensors.items() if name not in recurrent]
+    return Inspection(
+        path=str(checkpoint.path),
+        format=checkpoint.format_name,
+        size=checkpoint.size,
+        tensor_count=len(checkpoint.tensors),
+        layers=tuple(
+            LayerReport(layer, tuple(layer_stats(checkpoint, layer))) for layer in selected
+        ),
+        other_tensor_count=len(others),
+        other_tensor_bytes=sum(ref.nbytes for ref in others),
+        has_optimizer_state=checkpoint.has_optimizer_state,
+        metadata=checkpoint.metadata,
+        warnings=tuple(checkpoint.warnings + found.warnings),
+    )

@@ -1,0 +1,66 @@
+"""One output sink with a human mode (rich, stdout) and a JSON mode; hints and errors go to stderr.
+
+Colour follows rich's rules: off when `NO_COLOR` is set or the stream is not a terminal. Names read from
+files are printed as plain `Text` with control characters escaped, so a tensor name cannot inject markup or
+terminal escape codes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from rich.console import Console, RenderableType
+from rich.text import Text
+
+WIDE_ENOUGH = 120  # width for tables when stdout is not a terminal (no width to read)
+
+
+def clean(name: str) -> str:
+    """`name` with control characters shown as escapes (`\\x1b`), safe to print on a terminal."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as strings ("nan", "inf", "-inf"): strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+class Output:
+    """Where a command's results go: rich renderables for people, or one JSON document."""
+
+    def __init__(self, json_mode: bool = False) -> None:
+        self.json_mode = json_mode
+        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", WIDE_ENOUGH))
+        self.stdout = Console(highlight=False, width=width)
+        self.stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def show(self, *renderables: RenderableType) -> None:
+        """Print for people (nothing in JSON mode: stdout then holds the JSON document only)."""
+        if not self.json_mode:
+            for renderable in renderables:
+                self.stdout.print(renderable)
+
+    def data(self, document: dict[str, Any]) -> None:
+        """Print the JSON document (JSON mode only)."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+            sys.stdout.flush()
+
+    def warn(self, message: str) -> None:
+        self.stderr.print(Text(f"warning: {message}", style="yellow"))
+
+    def note(self, message: str) -> None:
+        self.stderr.print(Text(message, style="dim"))
+
+    def error(self, message: str) -> None:
+        self.stderr.print(Text(f"lstm-surgeon: error: {message}", style="red"))
