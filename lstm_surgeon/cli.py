@@ -6,9 +6,12 @@ Errors from the library (`SurgeonError`) become one line on stderr and an exit c
 
 from __future__ import annotations
 
+import enum
 import functools
+import sys
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -29,6 +32,22 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR = 3
+
+
+class Direction(str, enum.Enum):
+    forward = "forward"
+    reverse = "reverse"
+
+
+class Mode(str, enum.Enum):
+    effective = "effective"
+    both = "both"
+    ih = "ih"
+    hh = "hh"
+    add = "add"
+
+
 _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
 # Options shared by several commands, defined once.
@@ -38,6 +57,35 @@ LayerOpt = Annotated[
     typer.Option("--layer", "-l", help="Only layers whose name matches this glob (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Write the result here (suffix picks the format)."),
+]
+InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Edit the checkpoint itself.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before writing.")]
+BackupOpt = Annotated[bool, typer.Option("--backup", help="With --in-place: keep FILE.bak.")]
+SublayerOpt = Annotated[
+    list[int] | None,
+    typer.Option("--sublayer", help="Only this sub-layer index of stacked layers (repeatable)."),
+]
+DirectionOpt = Annotated[
+    Direction | None,
+    typer.Option("--direction", help="Only this direction of bidirectional layers."),
+]
+ModeOpt = Annotated[
+    Mode,
+    typer.Option(
+        "--mode",
+        help="How V reaches the gate: effective (b_ih=V, b_hh=0), both (b_ih=b_hh=V: the gate "
+        "sees 2V), ih, hh, add (b_ih += V).",
+    ),
+]
+DropOptimizerOpt = Annotated[
+    bool,
+    typer.Option("--drop-optimizer-state", help="Remove optimizer state that no longer matches."),
+]
 
 
 def _command(function: F) -> F:
@@ -55,6 +103,15 @@ def _command(function: F) -> F:
                 raise
             Output().error(str(error))
             raise typer.Exit(error.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:
+            if _debug["on"]:
+                raise
+            Output().error(
+                f"internal error ({type(error).__name__}: {error}); rerun with --debug to see where"
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -97,6 +154,249 @@ def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = F
         out.warn(warning)
     out.show(inspection_view(inspection))
     out.data(inspection.to_dict())
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """The options every editing command shares."""
+
+    output: Path | None
+    in_place: bool
+    force: bool
+    dry_run: bool
+    yes: bool
+    json: bool
+    backup: bool
+
+
+def _selection(
+    layer: list[str] | None, sublayer: list[int] | None = None, direction: Any = None
+) -> Any:
+    from lstm_surgeon.surgery import Selection
+
+    return Selection(
+        tuple(layer or ()), tuple(sublayer or ()), (direction.value,) if direction else ()
+    )
+
+
+def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions) -> None:
+    """Plan, preview, confirm and write one edit (the flow every editing command shares)."""
+    from lstm_surgeon.apply import Destination, edit_checkpoint
+    from lstm_surgeon.render import plan_view, result_line
+
+    out = Output(options.json)
+    destination = None
+    if not options.dry_run:
+        destination = Destination(options.output, options.in_place, options.force, options.backup)
+
+    def preview(plan: Any) -> bool:
+        for skipped in plan.skipped:
+            out.note(f"skipped {skipped}")
+        for note in plan.notes:
+            out.warn(note)
+        out.show(plan_view(plan))
+        return _confirmed(options, plan)
+
+    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
+    with out.progress("copying", size) as progress:
+        plan, result = edit_checkpoint(checkpoint, planner, destination, preview, progress)
+    if options.dry_run:
+        preview(plan)
+        out.note("dry run: nothing written")
+    elif result is not None:
+        out.show(result_line(result))
+    out.data(
+        {
+            "dry_run": options.dry_run,
+            "plan": plan.to_dict(),
+            "result": None if result is None else result.to_dict(),
+        }
+    )
+    if destination is not None and result is None:
+        raise typer.Exit(1)
+
+
+def _confirmed(options: EditOptions, plan: Any) -> bool:
+    """Ask before writing only when a person is there to answer (a terminal, no --yes, no --json)."""
+    if options.yes or options.dry_run or options.json or not sys.stdin.isatty():
+        return True
+    if not plan.changes_anything and options.in_place:
+        return True
+    target = "the checkpoint in place" if options.in_place else str(options.output)
+    return typer.confirm(f"Write {target}?", default=True, err=True)
+
+
+@app.command("set-forget-bias")
+@_command
+def set_forget_bias(
+    checkpoint: CheckpointArg,
+    value: Annotated[float, typer.Option("--value", help="The forget-gate bias V.")] = 1.0,
+    chrono: Annotated[
+        float | None,
+        typer.Option(
+            "--chrono", metavar="T_MAX", help="Chrono init: b_f ~ log(U(1, T_MAX-1)), b_i = -b_f."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for --chrono.")] = None,
+    mode: ModeOpt = Mode.effective,
+    layer: LayerOpt = None,
+    sublayer: SublayerOpt = None,
+    direction: DirectionOpt = None,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+) -> None:
+    """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
+
+    Example: [bold]lstm-surgeon set-forget-bias model.pt -o fixed.pt[/bold]
+    """
+    from lstm_surgeon.surgery import plan_chrono, plan_set_forget_bias
+
+    selection = _selection(layer, sublayer, direction)
+    if chrono is not None:
+        planner = lambda ck: plan_chrono(ck, chrono, seed, mode.value, selection)  # noqa: E731
+    else:
+        planner = lambda ck: plan_set_forget_bias(ck, value, mode.value, selection)  # noqa: E731
+    _edit(checkpoint, planner, EditOptions(output, in_place, force, dry_run, yes, json, backup))
+
+
+@app.command("set-gate-bias")
+@_command
+def set_gate_bias(
+    checkpoint: CheckpointArg,
+    gate: Annotated[
+        str,
+        typer.Option(
+            "--gate",
+            help="input/forget/cell/output (i, f, g, o) for LSTM; reset/update/new (r, z, n) for "
+            "GRU; hidden for RNN.",
+        ),
+    ],
+    value: Annotated[float, typer.Option("--value", help="The bias V.")],
+    mode: ModeOpt = Mode.effective,
+    layer: LayerOpt = None,
+    sublayer: SublayerOpt = None,
+    direction: DirectionOpt = None,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+) -> None:
+    """Set one gate's bias in every layer that has that gate.
+
+    Example: [bold]lstm-surgeon set-gate-bias model.pt --gate update --value -1 -o out.pt[/bold]
+    """
+    from lstm_surgeon.surgery import plan_set_gate_bias
+
+    selection = _selection(layer, sublayer, direction)
+    _edit(
+        checkpoint,
+        lambda ck: plan_set_gate_bias(ck, gate, value, mode.value, selection),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+    )
+
+
+@app.command("zero-bias")
+@_command
+def zero_bias(
+    checkpoint: CheckpointArg,
+    gate: Annotated[
+        list[str] | None, typer.Option("--gate", help="Only this gate (repeatable; default all).")
+    ] = None,
+    drop: Annotated[
+        bool, typer.Option("--drop", help="Remove the bias tensors (for bias=False modules).")
+    ] = False,
+    drop_optimizer_state: DropOptimizerOpt = False,
+    layer: LayerOpt = None,
+    sublayer: SublayerOpt = None,
+    direction: DirectionOpt = None,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+) -> None:
+    """Zero the biases of recurrent layers, or drop them with --drop.
+
+    Example: [bold]lstm-surgeon zero-bias model.pt --drop -o nobias.pt[/bold]
+    """
+    from lstm_surgeon.surgery import plan_zero_bias
+
+    selection = _selection(layer, sublayer, direction)
+    _edit(
+        checkpoint,
+        lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+    )
+
+
+@app.command("add-bias")
+@_command
+def add_bias(
+    checkpoint: CheckpointArg,
+    drop_optimizer_state: DropOptimizerOpt = False,
+    layer: LayerOpt = None,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+) -> None:
+    """Give bias=False layers zero biases, so they load into bias=True modules.
+
+    Example: [bold]lstm-surgeon add-bias nobias.pt -o biased.pt[/bold]
+    """
+    from lstm_surgeon.surgery import plan_add_bias
+
+    selection = _selection(layer)
+    _edit(
+        checkpoint,
+        lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+    )
+
+
+@app.command("zero-input")
+@_command
+def zero_input(
+    checkpoint: CheckpointArg,
+    features: Annotated[
+        str, typer.Option("--features", help="Comma-separated input feature indices, e.g. 2,5.")
+    ],
+    layer: LayerOpt = None,
+    direction: DirectionOpt = None,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+) -> None:
+    """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
+
+    Example: [bold]lstm-surgeon zero-input model.pt --features 2,5 -o out.pt[/bold]
+    """
+    from lstm_surgeon.surgery import parse_features, plan_zero_input
+
+    indices = parse_features(features)
+    selection = _selection(layer, None, direction)
+    _edit(
+        checkpoint,
+        lambda ck: plan_zero_input(ck, indices, selection),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+    )
 
 
 def main() -> None:

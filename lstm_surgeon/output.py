@@ -7,15 +7,19 @@ terminal escape codes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console, RenderableType
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 WIDE_ENOUGH = 120  # width for tables when stdout is not a terminal (no width to read)
 
 
@@ -55,6 +59,24 @@ class Output:
         if self.json_mode:
             sys.stdout.write(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
             sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None] | None]:
+        """A byte-progress callback shown on stderr for long operations, or None (JSON mode, CI, not a
+        terminal, or less than PROGRESS_MIN_BYTES of work)."""
+        quiet = self.json_mode or os.environ.get("CI") or not self.stderr.is_terminal
+        if quiet or total < PROGRESS_MIN_BYTES:
+            yield None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.stderr, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda done: bar.advance(task, done)
 
     def warn(self, message: str) -> None:
         self.stderr.print(Text(f"warning: {message}", style="yellow"))

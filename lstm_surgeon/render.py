@@ -7,8 +7,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from lstm_surgeon.apply import WriteResult
 from lstm_surgeon.inspection import Inspection, LayerReport
 from lstm_surgeon.output import clean
+from lstm_surgeon.plan import EditPlan
 from lstm_surgeon.stats import CellStats, GateStats, Summary
 
 
@@ -127,3 +129,71 @@ def inspection_view(inspection: Inspection) -> RenderableType:
         )
     )
     return Group(*parts)
+
+
+def _cell_name(layer: str, cell_layer: int, direction: str) -> str:
+    return f"{clean(layer) or '(root)'} [{cell_layer} {direction}]"
+
+
+def _arrow(before: Summary | None, after: Summary | None) -> str:
+    if before is None or after is None:
+        return "—"
+    return f"{number(before.mean)} → {number(after.mean)}"
+
+
+def plan_view(plan: EditPlan) -> RenderableType:
+    """The before/after preview of an edit plan: what each gate sees, and each slice written."""
+    parts: list[RenderableType] = []
+    if plan.effects:
+        effects = Table(
+            title="effective bias (b_ih + b_hh), mean", title_justify="left", box=box.SIMPLE_HEAD
+        )
+        for heading in ("layer [sub-layer direction]", "gate", "before → after", "after range"):
+            effects.add_column(heading)
+        for effect in plan.effects:
+            after = (
+                "" if effect.after is None else f"{effect.after.min:+.3f} … {effect.after.max:+.3f}"
+            )
+            effects.add_row(
+                _cell_name(effect.layer, effect.cell_layer, effect.direction),
+                effect.gate,
+                _arrow(effect.before, effect.after) if effect.before else "n/a (b_hn × r)",
+                after,
+            )
+        parts.append(effects)
+    if plan.edits:
+        edits = Table(title="slices written", title_justify="left", box=box.SIMPLE_HEAD)
+        for heading in ("tensor", "gate", "rows", "columns", "mean before → after", "changed"):
+            edits.add_column(heading)
+        for edit in plan.edits:
+            columns = "all" if edit.columns is None else ",".join(map(str, edit.columns))
+            edits.add_row(
+                Text(clean(edit.tensor)),
+                edit.gate or "all",
+                f"{edit.rows[0]}:{edit.rows[1]}",
+                columns,
+                _arrow(edit.before, edit.after),
+                "yes" if edit.changes_anything else "no",
+            )
+        parts.append(edits)
+    for addition in plan.additions:
+        parts.append(
+            Text(f"+ add {clean(addition.tensor)} {addition.dtype} {list(addition.shape)} (zeros)")
+        )
+    for removal in plan.removals:
+        parts.append(Text(f"- drop {clean(removal.tensor)}"))
+    if not plan.changes_anything:
+        parts.append(
+            Text("nothing to change: the checkpoint already has these values", style="green")
+        )
+    return Group(*parts)
+
+
+def result_line(result: WriteResult) -> Text:
+    if not result.written:
+        return Text(f"{clean(result.path)} left as it was (nothing to change)", style="green")
+    how = "patched in place" if result.in_place and result.method == "patch" else "written"
+    line = Text(f"{clean(result.path)} {how} ({result.format}, {result.method})", style="green")
+    if result.backup:
+        line.append(f"; backup at {clean(result.backup)}", style="dim")
+    return line

@@ -29,12 +29,21 @@ class CheckpointFormat(Protocol):
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
         """Parse and validate the file's structure; read no tensor data beyond what that needs."""
 
+    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
+        """The (offset, length) of every checksum that patching storages `keys` will rewrite."""
+
     def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
         """After storages `keys` were patched in `buffer`, update any checksum the format keeps."""
 
-    def write(self, out: BinaryIO, tensors: list[OutputTensor], source: Checkpoint) -> None:
+    def write(
+        self,
+        out: BinaryIO,
+        tensors: list[OutputTensor],
+        source: Checkpoint,
+        drop_keys: frozenset[str] = frozenset(),
+    ) -> None:
         """Write a new file holding `tensors` in this order, keeping everything else of `source` that
-        the format can carry (metadata, containers, key order)."""
+        the format can carry (metadata, containers, key order), less the top-level `drop_keys`."""
 
 
 def _formats() -> tuple[CheckpointFormat, ...]:
@@ -51,9 +60,16 @@ def format_for_suffix(path: Path) -> CheckpointFormat | None:
     return None
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint of any supported format, detected by content, not by suffix."""
+def open_checkpoint(path: str | os.PathLike[str], recover: bool = True) -> Checkpoint:
+    """Open a checkpoint of any supported format, detected by content, not by suffix.
+
+    If an in-place edit of the file was killed, the file is first rolled back to the old checkpoint
+    (`recover=False` is for callers that already hold the edit lock and did that themselves)."""
     path = Path(path)
+    if recover and path.is_file():
+        from lstm_surgeon.writing import recover_interrupted_edit
+
+        recover_interrupted_edit(path)
     buffer = _map_file(path)
     head = bytes(buffer[:64])
     for fmt in _formats():

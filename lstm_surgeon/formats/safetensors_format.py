@@ -46,11 +46,21 @@ class SafetensorsFormat:
             top_level_keys=tuple(tensors),
         )
 
+    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
+        return []
+
     def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
         """safetensors keeps no checksums."""
 
-    def write(self, out: BinaryIO, tensors: list[OutputTensor], source: Checkpoint) -> None:
-        """Write tensors in the given order, keeping the source's metadata."""
+    def write(
+        self,
+        out: BinaryIO,
+        tensors: list[OutputTensor],
+        source: Checkpoint,
+        drop_keys: frozenset[str] = frozenset(),
+    ) -> None:
+        """Write tensors in the given order, keeping the source's metadata (`drop_keys` name
+        tensors, which the caller has already left out)."""
         header: dict[str, Any] = {}
         if source.metadata is not None:
             header[METADATA_KEY] = source.metadata

@@ -75,18 +75,30 @@ class TorchZipFormat:
             top_level_keys=top_keys,
         )
 
+    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
+        details: ZipDetails = checkpoint.details
+        return [(offset, 4) for key in sorted(keys) for offset in details.records[key].crc_offsets]
+
     def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
         details: ZipDetails = checkpoint.details
         for key in keys:
             write_crc(buffer, details.records[key])
 
-    def write(self, out: BinaryIO, tensors: list[OutputTensor], source: Checkpoint) -> None:
+    def write(
+        self,
+        out: BinaryIO,
+        tensors: list[OutputTensor],
+        source: Checkpoint,
+        drop_keys: frozenset[str] = frozenset(),
+    ) -> None:
         """Rebuild the object tree with torch (the one path here that needs it) and torch.save it."""
         import torch
 
         root = _load_tree_with_torch(source)
         originals = _tensors_by_location(root, source)
-        _place_tensors(root, tensors, source, originals, torch)
+        for key in drop_keys:
+            del root[key]
+        _place_tensors(root, tensors, source, originals, torch, drop_keys)
         torch.save(root, out)
 
 
@@ -273,12 +285,13 @@ def _place_tensors(
     source: Checkpoint,
     originals: dict[str, Any],
     torch: Any,
+    dropped: frozenset[str],
 ) -> None:
     """Drop the source tensors not in `tensors`, set the others, and put each new key right after
     the tensor listed before it in the same container."""
     wanted = {out.ref.name for out in tensors}
     for name, location in _source_locations(source).items():
-        if name not in wanted:
+        if name not in wanted and location[0] not in dropped:
             del _get(root, location[:-1])[location[-1]]
     inserted: dict[int, tuple[Any, list[tuple[Any, Any]]]] = {}
     previous: dict[int, Any] = {}

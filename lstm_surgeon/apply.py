@@ -1,0 +1,283 @@
+"""Carry out an `EditPlan`: patch bytes where they lie, or write a new file when the structure changes.
+
+Same-structure edits to a file of the same format are patches: `-o` copies the file in the kernel and
+writes the new slices into the copy; `--in-place` journals the old bytes, then writes the slices into the
+file itself. Everything else (tensors added or dropped, another output format) rewrites the file through
+its format module. Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef, tensor_view
+from lstm_surgeon.dtypes import BY_NAME
+from lstm_surgeon.errors import EditError, OutputError
+from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint
+from lstm_surgeon.plan import EditPlan, SliceEdit
+from lstm_surgeon.writing import (
+    Progress,
+    atomic_output,
+    backup_copy,
+    check_output_path,
+    copy_file,
+    exclusive_lock,
+    fault_point,
+    finish_journal,
+    roll_back,
+    write_journal,
+)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where an edit goes: a new file (`output`) or the input itself (`in_place`)."""
+
+    output: Path | None = None
+    in_place: bool = False
+    force: bool = False
+    backup: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.output is None) == (not self.in_place):
+            raise OutputError("give exactly one of -o/--output PATH and --in-place")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: str
+    format: str
+    in_place: bool
+    written: bool
+    method: str  # "patch", "rewrite" or "none"
+    backup: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "in_place": self.in_place,
+            "written": self.written,
+            "method": self.method,
+            "backup": self.backup,
+        }
+
+
+@contextlib.contextmanager
+def open_for_edit(path: Path, in_place: bool) -> Iterator[Checkpoint]:
+    """Open a checkpoint to edit; for in-place edits, hold the file's lock from reading to writing."""
+    if not in_place:
+        with open_checkpoint(path) as checkpoint:
+            yield checkpoint
+        return
+    with exclusive_lock(path) as locked:
+        roll_back(path, locked)
+        with open_checkpoint(path, recover=False) as checkpoint:
+            yield checkpoint
+
+
+Planner = Callable[[Checkpoint], EditPlan]
+
+
+def edit_checkpoint(
+    path: Path,
+    planner: Planner,
+    destination: Destination | None,
+    before_write: Callable[[EditPlan], bool] = lambda plan: True,
+    progress: Progress | None = None,
+) -> tuple[EditPlan, WriteResult | None]:
+    """Open, plan, and (unless `destination` is None: a dry run) write; the whole edit in one call.
+
+    `before_write` sees the plan before anything is written (to preview it, or to ask the user) and
+    returns False to stop there. For in-place edits the file stays locked from reading to writing."""
+    in_place = destination is not None and destination.in_place
+    with open_for_edit(path, in_place) as checkpoint:
+        plan = planner(checkpoint)
+        if destination is None or not before_write(plan):
+            return plan, None
+        return plan, apply_plan(plan, checkpoint, destination, progress)
+
+
+def apply_plan(
+    plan: EditPlan,
+    checkpoint: Checkpoint,
+    destination: Destination,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """Write the plan's result where `destination` says (in-place edits need `open_for_edit`)."""
+    target = checkpoint.path if destination.in_place else destination.output
+    assert target is not None
+    target_format = _target_format(checkpoint, target)
+    if not destination.in_place:
+        check_output_path(target, checkpoint.path, destination.force)
+    backup = None
+    if destination.in_place and destination.backup and plan.changes_anything:
+        backup = str(backup_copy(checkpoint.path, destination.force))
+    same_structure = not plan.changes_structure and target_format is checkpoint.format
+    if destination.in_place and not plan.changes_anything:
+        method = "none"
+    elif same_structure and destination.in_place:
+        _patch_in_place(checkpoint, plan.edits)
+        method = "patch"
+    elif same_structure:
+        _copy_and_patch(checkpoint, plan.edits, target, progress)
+        method = "patch"
+    else:
+        _rewrite(checkpoint, plan, target, target_format)
+        method = "rewrite"
+    return WriteResult(
+        str(target), target_format.name, destination.in_place, method != "none", method, backup
+    )
+
+
+def _target_format(checkpoint: Checkpoint, target: Path) -> CheckpointFormat:
+    return format_for_suffix(target) or checkpoint.format
+
+
+def _touched_storages(checkpoint: Checkpoint, edits: list[SliceEdit]) -> set[str]:
+    return {checkpoint.tensors[edit.tensor].storage.key for edit in edits}
+
+
+def write_edits(
+    buffer: mmap.mmap | bytearray, checkpoint: Checkpoint, edits: list[SliceEdit]
+) -> None:
+    """Write each edit's new elements into `buffer`, a writable copy of the checkpoint's bytes."""
+    for edit in edits:
+        assign(tensor_view(buffer, checkpoint.tensors[edit.tensor]), edit)
+
+
+def assign(array: np.ndarray, edit: SliceEdit) -> None:
+    start, stop = edit.rows
+    if edit.columns is None:
+        array[start:stop] = edit.new_raw
+    else:
+        array[start:stop, list(edit.columns)] = edit.new_raw
+
+
+def _patch_buffer(buffer: mmap.mmap, checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
+    write_edits(buffer, checkpoint, edits)
+    checkpoint.format.refresh_checksums(checkpoint, buffer, _touched_storages(checkpoint, edits))
+    buffer.flush()
+
+
+def _copy_and_patch(
+    checkpoint: Checkpoint, edits: list[SliceEdit], target: Path, progress: Progress | None
+) -> None:
+    with open(checkpoint.path, "rb") as source, atomic_output(target, _mode(checkpoint)) as out:
+        copy_file(source, out, checkpoint.size, progress)
+        out.flush()
+        if edits:
+            with mmap.mmap(out.fileno(), checkpoint.size) as buffer:
+                _patch_buffer(buffer, checkpoint, edits)
+
+
+def _patch_in_place(checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
+    """Journal the old bytes, patch, make it durable, drop the journal; roll back on any failure."""
+    path = checkpoint.path
+    keys = _touched_storages(checkpoint, edits)
+    storages = {ref.storage.key: ref.storage for ref in checkpoint.tensors.values()}
+    regions = [(storages[key].offset, storages[key].nbytes) for key in sorted(keys)]
+    regions += checkpoint.format.checksum_regions(checkpoint, keys)
+    try:
+        file = open(path, "r+b")  # noqa: SIM115 - closed in the finally below
+    except OSError as error:
+        raise OutputError(f"{path}: cannot open for editing: {error.strerror}") from None
+    try:
+        write_journal(path, file, regions)
+        fault_point("after-journal")
+        try:
+            with mmap.mmap(file.fileno(), 0) as buffer:
+                write_edits(buffer, checkpoint, edits)
+                fault_point("mid-patch")
+                checkpoint.format.refresh_checksums(checkpoint, buffer, keys)
+                buffer.flush()
+            os.fsync(file.fileno())
+            fault_point("before-journal-removal")
+        except BaseException:
+            roll_back(path, file)
+            raise
+        finish_journal(path)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    finally:
+        file.close()
+
+
+def _mode(checkpoint: Checkpoint) -> int:
+    return checkpoint.path.stat().st_mode
+
+
+def _rewrite(
+    checkpoint: Checkpoint, plan: EditPlan, target: Path, target_format: CheckpointFormat
+) -> None:
+    drop_keys = _optimizer_keys(checkpoint) if plan.drop_optimizer_state else frozenset()
+    tensors = output_tensors(checkpoint, plan, drop_keys)
+    if target_format.name == "safetensors" and checkpoint.format_name != "safetensors":
+        _require_plain_state_dict(checkpoint, drop_keys)
+    with atomic_output(target, _mode(checkpoint)) as out:
+        target_format.write(out, tensors, checkpoint, drop_keys)
+
+
+def _optimizer_keys(checkpoint: Checkpoint) -> frozenset[str]:
+    return frozenset(key for key in checkpoint.top_level_keys if "optimizer" in key)
+
+
+def _require_plain_state_dict(checkpoint: Checkpoint, drop_keys: frozenset[str]) -> None:
+    """safetensors holds named tensors only: converting anything richer would lose data silently."""
+    others = [
+        key
+        for key in checkpoint.top_level_keys
+        if key not in checkpoint.tensors and key not in drop_keys
+    ]
+    if others:
+        raise EditError(
+            f"{checkpoint.path}: only a plain state dict converts to safetensors; this file also "
+            f"holds {', '.join(repr(key) for key in others[:3])}"
+        )
+
+
+def output_tensors(
+    checkpoint: Checkpoint, plan: EditPlan, drop_keys: frozenset[str] = frozenset()
+) -> list[OutputTensor]:
+    """The tensors of the new file, in order: the source's, less removals, plus additions placed
+    right after their anchors, with edited tensors carrying their new elements."""
+    removed = {removal.tensor for removal in plan.removals}
+    edits_by_tensor: dict[str, list[SliceEdit]] = {}
+    for edit in plan.edits:
+        edits_by_tensor.setdefault(edit.tensor, []).append(edit)
+    followers: dict[str, list[OutputTensor]] = {}
+    for addition in plan.additions:
+        dtype = BY_NAME[addition.dtype]
+        ref = TensorRef(addition.tensor, dtype, addition.shape, StorageRef("", 0, 0))
+        new = OutputTensor(ref, data=np.zeros(addition.shape, dtype=dtype.storage))
+        followers.setdefault(addition.after, []).append(new)
+    result: list[OutputTensor] = []
+
+    def emit(tensor: OutputTensor) -> None:
+        result.append(tensor)
+        for follower in followers.get(tensor.ref.name, []):
+            emit(follower)
+
+    for name, ref in checkpoint.tensors.items():
+        if name in removed or name.split(".", 1)[0] in drop_keys:
+            continue
+        if name in edits_by_tensor:
+            emit(OutputTensor(ref, data=_edited_copy(checkpoint, ref, edits_by_tensor[name])))
+        else:
+            emit(OutputTensor(ref, source=ref))
+    return result
+
+
+def _edited_copy(checkpoint: Checkpoint, ref: TensorRef, edits: list[SliceEdit]) -> np.ndarray:
+    array = np.array(checkpoint.raw(ref))
+    for edit in edits:
+        assign(array, edit)
+    return array

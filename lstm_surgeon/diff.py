@@ -1,0 +1,512 @@
+"""`diff` as a library call: what changed between two checkpoints, down to the gate of a cell.
+
+Tensors are matched by dotted name, in either format or across formats (a `.pt` against a
+`.safetensors`). Recurrent parameters (found by discovery on each side) are sliced by gate, because
+"encoder.bias_ih_l0 changed" says little while "its forget gate changed" says what an edit did; for
+biases the effective bias `b_ih + b_hh` before and after is what decides how open a gate starts
+(GRU's new gate has none: `b_hn` is scaled by the reset gate).
+
+Equality follows `numpy.isclose(a, b, rtol, atol, equal_nan=True)` on values widened to float64
+(complex128 for complex tensors): `|a - b| <= atol + rtol * |b|`, relative to B's value. With the
+default tolerances that is exact equality of *values*: NaN against NaN at the same position is
+equal, and so are -0.0 and 0.0 (bit patterns are not compared). Integer tensors of the same dtype
+are compared as stored when the comparison is exact, since float64 cannot hold every int64.
+
+Memory stays bounded: tensors are compared one at a time, each in chunks of `CHUNK_ELEMENTS` read
+from the memory-mapped files, and only tensors present on both sides are read at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lstm_surgeon.checkpoint import Checkpoint, TensorRef
+from lstm_surgeon.discovery import CellParams, Discovery, RecurrentLayer, discover
+from lstm_surgeon.dtypes import DType, widen
+from lstm_surgeon.errors import SurgeonError
+from lstm_surgeon.gates import Gate
+from lstm_surgeon.stats import Summary
+
+# Elements compared at once: 4M float64 values are 32 MB per operand, so one chunk with its
+# temporaries stays well under a few hundred MB whatever the tensor's size.
+CHUNK_ELEMENTS = 1 << 22
+GATED_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # weight_hr has no gates
+BIASES = ("bias_ih", "bias_hh")
+
+
+class DiffError(SurgeonError):
+    """The comparison cannot be made as asked (bad tolerance, clashing names, no matching layer)."""
+
+
+@dataclass(frozen=True)
+class GateDiff:
+    """How much one gate's rows of a recurrent tensor moved."""
+
+    gate: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    changed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "changed": self.changed,
+        }
+
+
+@dataclass(frozen=True)
+class EffectiveBias:
+    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent."""
+
+    gate: str
+    before: Summary | None
+    after: Summary | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "before": None if self.before is None else self.before.to_dict(),
+            "after": None if self.after is None else self.after.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class CellId:
+    """Which cell of a recurrent layer: sub-layer index and direction (0, forward for a `*Cell`)."""
+
+    layer: int
+    direction: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """One tensor present on both sides that differs: in values, dtype or shape."""
+
+    key: str
+    max_abs_diff: float | None  # None when the shapes differ (no element-wise comparison)
+    mean_abs_diff: float | None
+    gates: tuple[str, ...] = ()  # the gates that changed; () for tensors without gates
+    gate_diffs: tuple[GateDiff, ...] = ()  # every gate, changed or not
+    effective: tuple[EffectiveBias, ...] = ()  # biases only: the changed gates that sum
+    layer: str | None = None
+    kind: str | None = None
+    parameter: str | None = None  # "weight_ih", "bias_hh", ... for recurrent tensors
+    cell: CellId | None = None
+    dtype: tuple[str, str] | None = None  # (A's, B's) when they differ
+    shape: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (A's, B's) when they differ
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "gates": list(self.gates),
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "layer": self.layer,
+            "kind": self.kind,
+            "parameter": self.parameter,
+            "cell": None if self.cell is None else self.cell.to_dict(),
+            "dtype": None if self.dtype is None else list(self.dtype),
+            "shape": None if self.shape is None else [list(side) for side in self.shape],
+            "gate_diffs": [gate.to_dict() for gate in self.gate_diffs],
+            "effective": [entry.to_dict() for entry in self.effective],
+        }
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """Everything `diff` reports, as data: the table and the JSON are both rendered from this.
+
+    Keys are as compared, that is after `strip_prefixes`; `changed` and `removed` follow A's order,
+    `added` follows B's.
+    """
+
+    a: str
+    b: str
+    a_format: str
+    b_format: str
+    atol: float
+    rtol: float
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[TensorDiff, ...]
+    unchanged_count: int
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def identical(self) -> bool:
+        """True when both sides hold the same names, dtypes, shapes and values within tolerance."""
+        return not (self.added or self.removed or self.changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "identical": self.identical,
+            "a": self.a,
+            "b": self.b,
+            "a_format": self.a_format,
+            "b_format": self.b_format,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": [entry.to_dict() for entry in self.changed],
+            "unchanged_count": self.unchanged_count,
+            "warnings": list(self.warnings),
+        }
+
+
+def normalize_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
+    """The prefixes as whole dotted components: `module` and `module.` both strip `module.`.
+
+    Stripping half a component (`mod` from `module.lstm`) would only ever create false matches.
+    """
+    return tuple(p if p.endswith(".") else p + "." for p in prefixes if p.strip("."))
+
+
+def strip_key(name: str, prefixes: Sequence[str]) -> str:
+    """`name` without any of `prefixes` in front, repeatedly (DDP around torch.compile gives
+    `module._orig_mod.`); a name that is nothing but a prefix is kept whole."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
+
+
+def _names(checkpoint: Checkpoint, prefixes: Sequence[str]) -> dict[str, TensorRef]:
+    """The checkpoint's tensors by compared name; two tensors may not end up with one name."""
+    by_name: dict[str, TensorRef] = {}
+    for original, ref in checkpoint.tensors.items():
+        name = strip_key(original, prefixes)
+        if name in by_name:
+            raise DiffError(
+                f"{checkpoint.path}: both {by_name[name].name!r} and {original!r} become "
+                f"{name!r} once prefixes are stripped"
+            )
+        by_name[name] = ref
+    return by_name
+
+
+@dataclass(frozen=True)
+class _Recurrent:
+    """A recurrent parameter as found on one side: enough to slice it and find its sibling bias."""
+
+    layer: str  # compared (stripped) layer name
+    kind: str
+    hidden_size: int
+    gates: tuple[Gate, ...]  # () for weight_hr
+    parameter: str
+    cell: CellId
+    bias_names: tuple[str | None, str | None]  # compared names of the cell's bias_ih and bias_hh
+
+
+def _recurrent_params(
+    found: Discovery, prefixes: Sequence[str], globs: Sequence[str]
+) -> dict[str, _Recurrent]:
+    """Every recurrent tensor of the layers that match `globs` (all when none), by compared name."""
+    params: dict[str, _Recurrent] = {}
+    for layer in found.layers:
+        name = strip_key(layer.cells[0].weight_ih.name, prefixes).rpartition(".")[0]
+        if globs and not any(fnmatch.fnmatchcase(n, g) for n in (name, layer.name) for g in globs):
+            continue
+        for cell in layer.cells:
+            params.update(_cell_params(layer, name, cell, prefixes))
+    return params
+
+
+def _cell_params(
+    layer: RecurrentLayer, name: str, cell: CellParams, prefixes: Sequence[str]
+) -> Iterator[tuple[str, _Recurrent]]:
+    def compared(ref: TensorRef | None) -> str | None:
+        return None if ref is None else strip_key(ref.name, prefixes)
+
+    biases = (compared(cell.bias_ih), compared(cell.bias_hh))
+    for parameter in (*GATED_PARAMETERS, "weight_hr"):
+        ref = getattr(cell, parameter)
+        if ref is not None:
+            gates = layer.gates if parameter in GATED_PARAMETERS else ()
+            yield (
+                strip_key(ref.name, prefixes),
+                _Recurrent(
+                    name,
+                    layer.kind,
+                    layer.hidden_size,
+                    gates,
+                    parameter,
+                    CellId(cell.layer, cell.direction),
+                    biases,
+                ),
+            )
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    atol: float
+    rtol: float
+
+    @property
+    def exact(self) -> bool:
+        return self.atol == 0 and self.rtol == 0
+
+    def close(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.isclose(a, b, rtol=self.rtol, atol=self.atol, equal_nan=True)
+
+
+@dataclass
+class _Running:
+    """Running |a - b| statistics and the changed flag of one region, accumulated chunk by chunk."""
+
+    count: int = 0
+    total: float = 0.0
+    largest: float = 0.0
+    changed: bool = False
+
+    def add(self, diff: np.ndarray, changed: bool) -> None:
+        if diff.size:
+            self.count += diff.size
+            self.total += float(diff.sum())
+            self.largest = float(np.maximum(self.largest, diff.max()))  # NaN propagates
+        self.changed = self.changed or changed
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+def _widened(raw: np.ndarray, dtype: DType) -> np.ndarray:
+    """Exact values for comparison: float64, or complex128 for complex (float64 drops the imaginary
+    part)."""
+    if dtype.storage.kind == "c":
+        return raw.astype(np.complex128)
+    return widen(raw, dtype)
+
+
+def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b|, zero where the values are equal (inf against inf, NaN against NaN)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a - b).astype(np.float64, copy=False)
+    diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0
+    return diff
+
+
+def _compare_chunk(
+    raw_a: np.ndarray, raw_b: np.ndarray, dtypes: tuple[DType, DType], tol: _Tolerance
+) -> tuple[np.ndarray, bool]:
+    a, b = _widened(raw_a, dtypes[0]), _widened(raw_b, dtypes[1])
+    if tol.exact and dtypes[0] == dtypes[1] and dtypes[0].storage.kind in "iub":
+        changed = bool(np.any(raw_a != raw_b))  # int64 beyond 2**53 is not exact in float64
+    else:
+        changed = not bool(np.all(tol.close(a, b)))
+    return _abs_diff(a, b), changed
+
+
+def _compare_region(
+    flats: tuple[np.ndarray, np.ndarray],
+    dtypes: tuple[DType, DType],
+    region: slice,
+    tol: _Tolerance,
+) -> _Running:
+    running = _Running()
+    for start in range(region.start, region.stop, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, region.stop)
+        diff, changed = _compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
+        running.add(diff, changed)
+    return running
+
+
+def _gate_regions(ref: TensorRef, info: _Recurrent | None) -> list[tuple[Gate, slice]]:
+    """Each gate's rows as a range of flat elements (rows are contiguous in row-major order)."""
+    if info is None or not info.gates or not ref.shape:
+        return []
+    if ref.shape[0] != len(info.gates) * info.hidden_size:
+        return []
+    row = math.prod(ref.shape[1:])
+    regions = []
+    for gate in info.gates:
+        rows = gate.rows(info.hidden_size)
+        regions.append((gate, slice(rows.start * row, rows.stop * row)))
+    return regions
+
+
+def _merge(parts: Iterable[_Running]) -> _Running:
+    merged = _Running()
+    for part in parts:
+        merged.count += part.count
+        merged.total += part.total
+        merged.largest = float(np.maximum(merged.largest, part.largest))
+        merged.changed = merged.changed or part.changed
+    return merged
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One checkpoint with its tensors by compared name."""
+
+    checkpoint: Checkpoint
+    names: dict[str, TensorRef]
+
+    def flat(self, ref: TensorRef) -> np.ndarray:
+        """The stored elements in row-major order: a view of the file when the tensor is contiguous,
+        a whole copy otherwise (the rare non-contiguous view cannot be chunked without one)."""
+        return self.checkpoint.raw(ref).reshape(-1)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One name present on both sides."""
+
+    name: str
+    a: TensorRef
+    b: TensorRef
+    info: _Recurrent | None
+
+
+def _compare_pair(pair: _Pair, sides: tuple[_Side, _Side], tol: _Tolerance) -> TensorDiff | None:
+    """The tensor's differences, or None when it is unchanged within tolerance."""
+    a, b = pair.a, pair.b
+    dtype = (a.dtype.name, b.dtype.name) if a.dtype != b.dtype else None
+    if a.shape != b.shape:
+        return _tensor_diff(pair, None, (), dtype, (a.shape, b.shape), ())
+    flats = (sides[0].flat(a), sides[1].flat(b))
+    dtypes = (a.dtype, b.dtype)
+    regions = _gate_regions(a, pair.info)
+    if regions:
+        per_gate = [(gate, _compare_region(flats, dtypes, rows, tol)) for gate, rows in regions]
+        total = _merge(running for _, running in per_gate)
+    else:
+        per_gate, total = [], _compare_region(flats, dtypes, slice(0, a.numel), tol)
+    if not total.changed and dtype is None:
+        return None
+    gate_diffs = tuple(
+        GateDiff(gate.name, running.largest, running.mean, running.changed)
+        for gate, running in per_gate
+    )
+    changed_gates = [gate for gate, running in per_gate if running.changed]
+    effective = _effective(pair.info, sides, changed_gates)
+    return _tensor_diff(pair, total, gate_diffs, dtype, None, effective)
+
+
+def _tensor_diff(
+    pair: _Pair,
+    total: _Running | None,
+    gate_diffs: tuple[GateDiff, ...],
+    dtype: tuple[str, str] | None,
+    shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    effective: tuple[EffectiveBias, ...],
+) -> TensorDiff:
+    info = pair.info
+    return TensorDiff(
+        key=pair.name,
+        max_abs_diff=None if total is None else total.largest,
+        mean_abs_diff=None if total is None else total.mean,
+        gates=tuple(gate.gate for gate in gate_diffs if gate.changed),
+        gate_diffs=gate_diffs,
+        effective=effective,
+        layer=None if info is None else info.layer,
+        kind=None if info is None else info.kind,
+        parameter=None if info is None else info.parameter,
+        cell=None if info is None else info.cell,
+        dtype=dtype,
+        shape=shape,
+    )
+
+
+def _effective(
+    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate]
+) -> tuple[EffectiveBias, ...]:
+    """Before and after `b_ih + b_hh` of the changed gates, for a changed bias (else nothing)."""
+    summing = [gate for gate in gates if gate.biases_sum]
+    if info is None or info.parameter not in BIASES or not summing:
+        return ()
+    sums = [_bias_sum(side, info) for side in sides]
+    return tuple(
+        EffectiveBias(gate.name, *(_gate_summary(total, gate, info) for total in sums))
+        for gate in summing
+    )
+
+
+def _bias_sum(side: _Side, info: _Recurrent) -> np.ndarray | None:
+    """`b_ih + b_hh` of the cell on one side, or None when a bias is missing or reshaped there."""
+    rows = len(info.gates) * info.hidden_size
+    refs = [None if name is None else side.names.get(name) for name in info.bias_names]
+    if refs[0] is None or refs[1] is None or {refs[0].shape, refs[1].shape} != {(rows,)}:
+        return None
+    return side.checkpoint.values(refs[0]) + side.checkpoint.values(refs[1])
+
+
+def _gate_summary(total: np.ndarray | None, gate: Gate, info: _Recurrent) -> Summary | None:
+    return None if total is None else Summary.of(total[gate.rows(info.hidden_size)])
+
+
+def _check_tolerance(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise DiffError(f"{name} must be a finite number >= 0, not {value}")
+    return float(value)
+
+
+def _scope(params: dict[str, _Recurrent], globs: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The names to compare: all of them, or only those of the selected layers."""
+    return [name for name in names if not globs or name in params]
+
+
+def diff_checkpoints(
+    a: Checkpoint,
+    b: Checkpoint,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    layer_globs: Iterable[str] = (),
+    strip_prefixes: Iterable[str] = (),
+) -> DiffResult:
+    """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
+
+    `layer_globs` restricts the comparison to the tensors of the recurrent layers whose name (with
+    or without the stripped prefix) matches a glob, on either side; `strip_prefixes` (`module.`,
+    `_orig_mod.`, `state_dict.`) are removed from the front of every name on both sides, so a DDP
+    or Lightning checkpoint can be compared with a plain state dict.
+    """
+    tol = _Tolerance(_check_tolerance("atol", atol), _check_tolerance("rtol", rtol))
+    prefixes = normalize_prefixes(strip_prefixes)
+    globs = list(layer_globs)
+    names = (_names(a, prefixes), _names(b, prefixes))
+    found = (discover(a), discover(b))
+    # A's reading of a parameter wins: it is the side the user compares against.
+    params = _recurrent_params(found[1], prefixes, globs) | _recurrent_params(
+        found[0], prefixes, globs
+    )
+    if globs and not params:
+        raise DiffError(f"no recurrent layer matches {', '.join(globs)} in {a.path} or {b.path}")
+    in_a, in_b = _scope(params, globs, names[0]), _scope(params, globs, names[1])
+    shared = [name for name in in_a if name in names[1]]
+    sides = (_Side(a, names[0]), _Side(b, names[1]))
+    pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
+    changed = [d for d in (_compare_pair(p, sides, tol) for p in pairs) if d is not None]
+    return DiffResult(
+        a=str(a.path),
+        b=str(b.path),
+        a_format=a.format_name,
+        b_format=b.format_name,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        added=tuple(name for name in in_b if name not in names[0]),
+        removed=tuple(name for name in in_a if name not in names[1]),
+        changed=tuple(changed),
+        unchanged_count=len(shared) - len(changed),
+        warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1])),
+    )
+
+
+def _warnings(checkpoint: Checkpoint, found: Discovery) -> list[str]:
+    return [f"{checkpoint.path}: {warning}" for warning in checkpoint.warnings + found.warnings]

@@ -1,0 +1,421 @@
+"""The edits people came for, as planners: each returns an `EditPlan` and changes nothing itself.
+
+How a bias value reaches a gate (`mode`): PyTorch adds two bias vectors, so
+- `effective` (default): b_ih = V, b_hh = 0; the gate sees exactly V (for GRU's new gate too, where
+  b_hn is scaled by the reset gate: with b_hn = 0 the gate sees V whatever r is);
+- `both`: b_ih = b_hh = V, the popular recipe; the gate sees 2V;
+- `ih` / `hh`: only that bias is set to V;
+- `add`: b_ih += V, which shifts the effective bias by V.
+New values are computed in the precision torch uses for the tensor's dtype and rounded as torch rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstm_surgeon.checkpoint import Checkpoint, TensorRef
+from lstm_surgeon.discovery import CellParams, RecurrentLayer, discover, select_layers
+from lstm_surgeon.dtypes import EDITABLE, compute_dtype, round_to, widen
+from lstm_surgeon.errors import EditError
+from lstm_surgeon.gates import Gate, check_gate_name, find_gate
+from lstm_surgeon.plan import EditPlan, GateEffect, SliceEdit, TensorAddition, TensorRemoval
+from lstm_surgeon.stats import Summary
+
+MODES = ("effective", "both", "ih", "hh", "add")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which layers, sub-layers and directions an edit touches (empty means all)."""
+
+    layer_globs: tuple[str, ...] = ()
+    sublayers: tuple[int, ...] = ()
+    directions: tuple[str, ...] = ()
+
+    def cells(self, layer: RecurrentLayer) -> list[CellParams]:
+        return [
+            cell
+            for cell in layer.cells
+            if (not self.sublayers or cell.layer in self.sublayers)
+            and (not self.directions or cell.direction in self.directions)
+        ]
+
+    @property
+    def picks_cells(self) -> bool:
+        return bool(self.sublayers or self.directions)
+
+
+# --- Planners ---------------------------------------------------------------------------------
+
+
+def plan_set_gate_bias(
+    checkpoint: Checkpoint,
+    gate: str,
+    value: float,
+    mode: str = "effective",
+    selection: Selection = Selection(),
+    command: str = "set-gate-bias",
+) -> EditPlan:
+    """Set one gate's bias to `value` in every selected layer that has that gate."""
+    gate_name = check_gate_name(gate)
+    _check_mode(mode)
+    plan = EditPlan(command, checkpoint.path)
+    for layer, cells in _selected(checkpoint, selection, plan, gate_name):
+        target = find_gate(layer.kind, gate_name)
+        assert target is not None
+        _require_biases(layer)
+        for cell in cells:
+            values = np.full(layer.hidden_size, value, dtype=np.float64)
+            plan.edits += _bias_edits(checkpoint, layer, cell, target, values, mode)
+    return _finish(checkpoint, plan)
+
+
+def plan_set_forget_bias(
+    checkpoint: Checkpoint,
+    value: float = 1.0,
+    mode: str = "effective",
+    selection: Selection = Selection(),
+) -> EditPlan:
+    """The forget-gate bias of every selected LSTM (Gers 2000; Jozefowicz et al. 2015 suggest 1)."""
+    return plan_set_gate_bias(checkpoint, "forget", value, mode, selection, "set-forget-bias")
+
+
+def plan_chrono(
+    checkpoint: Checkpoint,
+    t_max: float,
+    seed: int | None = None,
+    mode: str = "effective",
+    selection: Selection = Selection(),
+) -> EditPlan:
+    """Chrono initialisation (Tallec & Ollivier 2018): b_f ~ log(U(1, T_max - 1)) per unit, b_i = -b_f.
+
+    The draw is the *effective* bias; each unit of each cell is drawn independently."""
+    if t_max <= 2:
+        raise EditError(f"--chrono T_MAX must be greater than 2 (got {t_max:g})")
+    _check_mode(mode)
+    if mode in ("both", "add"):
+        raise EditError(f"--chrono sets an effective bias; --mode {mode} would distort the draw")
+    rng = np.random.default_rng(seed)
+    plan = EditPlan("set-forget-bias", checkpoint.path)
+    for layer, cells in _selected(checkpoint, selection, plan, "forget"):
+        _require_biases(layer)
+        forget, input_gate = find_gate(layer.kind, "forget"), find_gate(layer.kind, "input")
+        assert forget is not None and input_gate is not None
+        for cell in cells:
+            draw = np.log(rng.uniform(1.0, t_max - 1.0, size=layer.hidden_size))
+            plan.edits += _bias_edits(checkpoint, layer, cell, forget, draw, mode)
+            plan.edits += _bias_edits(checkpoint, layer, cell, input_gate, -draw, mode)
+    return _finish(checkpoint, plan)
+
+
+def plan_zero_bias(
+    checkpoint: Checkpoint,
+    gates: Sequence[str] = (),
+    drop: bool = False,
+    selection: Selection = Selection(),
+    drop_optimizer_state: bool = False,
+) -> EditPlan:
+    """Zero the biases (of some gates), or drop the bias tensors to fit `bias=False` modules."""
+    if drop and (gates or selection.picks_cells):
+        raise EditError(
+            "--drop removes whole bias tensors; it cannot be combined with --gate, "
+            "--sublayer or --direction"
+        )
+    names = [check_gate_name(gate) for gate in gates]
+    plan = EditPlan("zero-bias", checkpoint.path, drop_optimizer_state=drop_optimizer_state)
+    for layer, cells in _selected(checkpoint, selection, plan, *names):
+        if not layer.bias:
+            plan.skipped.append(f"{layer.display_name}: has no bias tensors")
+            continue
+        if drop:
+            plan.removals += _bias_removals(layer)
+            continue
+        wanted = [g for g in layer.gates if not names or g.name in names]
+        for cell in cells:
+            for gate in wanted:
+                zeros = np.zeros(layer.hidden_size)
+                plan.edits += _bias_edits(checkpoint, layer, cell, gate, zeros, "both")
+    return _finish(checkpoint, plan)
+
+
+def plan_add_bias(
+    checkpoint: Checkpoint, selection: Selection = Selection(), drop_optimizer_state: bool = False
+) -> EditPlan:
+    """Give `bias=False` layers zero biases so they load into `bias=True` modules."""
+    plan = EditPlan("add-bias", checkpoint.path, drop_optimizer_state=drop_optimizer_state)
+    for layer, _ in _selected(checkpoint, selection, plan):
+        if layer.bias:
+            plan.skipped.append(f"{layer.display_name}: already has biases")
+            continue
+        rows = len(layer.gates) * layer.hidden_size
+        for cell in layer.cells:
+            bias_ih = layer.parameter_name("bias_ih", cell)
+            bias_hh = layer.parameter_name("bias_hh", cell)
+            plan.additions += [
+                TensorAddition(bias_ih, layer.name, layer.dtype, (rows,), cell.weight_hh.name),
+                TensorAddition(bias_hh, layer.name, layer.dtype, (rows,), bias_ih),
+            ]
+    return _finish(checkpoint, plan)
+
+
+def plan_zero_input(
+    checkpoint: Checkpoint,
+    features: Sequence[int],
+    selection: Selection = Selection(),
+) -> EditPlan:
+    """Zero input columns of sub-layer 0's `weight_ih` (every direction): the model ignores them."""
+    if not features:
+        raise EditError("--features needs at least one input feature index")
+    plan = EditPlan("zero-input", checkpoint.path)
+    for layer, cells in _selected(checkpoint, selection, plan):
+        outside = [f for f in features if not 0 <= f < layer.input_size]
+        if outside:
+            raise EditError(
+                f"{layer.display_name}: input feature {outside[0]} does not exist "
+                f"(input_size is {layer.input_size}, features count from 0)"
+            )
+        for cell in cells:
+            if cell.layer == 0:
+                plan.edits.append(
+                    _zero_columns(checkpoint, layer, cell, tuple(sorted(set(features))))
+                )
+    return _finish(checkpoint, plan)
+
+
+def parse_features(text: str) -> list[int]:
+    """`"2,5,7-9"` as [2, 5, 7, 8, 9]."""
+    indices: list[int] = []
+    try:
+        for part in filter(None, (piece.strip() for piece in text.split(","))):
+            first, _, last = part.partition("-")
+            indices.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise EditError(f"--features {text!r}: expected indices like 2,5 or 7-9") from None
+    return indices
+
+
+# --- Helpers ----------------------------------------------------------------------------------
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise EditError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def _require_biases(layer: RecurrentLayer) -> None:
+    if not layer.bias:
+        raise EditError(
+            f"layer {layer.display_name!r} has no bias tensors; run `lstm-surgeon add-bias` first"
+        )
+
+
+def _selected(
+    checkpoint: Checkpoint, selection: Selection, plan: EditPlan, *gates: str
+) -> Iterable[tuple[RecurrentLayer, list[CellParams]]]:
+    """The selected layers that have every gate in `gates`, with their selected cells.
+
+    Layers skipped for lacking a gate or a sub-layer are recorded in the plan; selecting nothing
+    at all is an error that lists what there is."""
+    found = discover(checkpoint)
+    layers = select_layers(found.layers, selection.layer_globs)
+    if not layers:
+        raise EditError(_nothing_selected(found.layers, selection))
+    chosen: list[tuple[RecurrentLayer, list[CellParams]]] = []
+    for layer in layers:
+        missing = [gate for gate in gates if find_gate(layer.kind, gate) is None]
+        cells = selection.cells(layer)
+        if missing:
+            plan.skipped.append(f"{layer.display_name}: {layer.kind} has no {missing[0]} gate")
+        elif not cells:
+            plan.skipped.append(
+                f"{layer.display_name}: no sub-layer/direction matches the selection"
+            )
+        else:
+            chosen.append((layer, cells))
+    if not chosen:
+        reasons = "; ".join(plan.skipped)
+        raise EditError(f"no selected layer can take this edit ({reasons})")
+    return chosen
+
+
+def _nothing_selected(layers: list[RecurrentLayer], selection: Selection) -> str:
+    if not layers:
+        return "no recurrent layers found in this checkpoint"
+    names = ", ".join(repr(layer.name) for layer in layers)
+    globs = " ".join(f"--layer {glob!r}" for glob in selection.layer_globs)
+    return f"no recurrent layer matches {globs} (layers: {names})"
+
+
+def _bias_edits(
+    checkpoint: Checkpoint,
+    layer: RecurrentLayer,
+    cell: CellParams,
+    gate: Gate,
+    values: np.ndarray,
+    mode: str,
+) -> list[SliceEdit]:
+    """The slice edits that give `gate` of `cell` the per-unit `values` under `mode`."""
+    assert cell.bias_ih is not None and cell.bias_hh is not None
+    zeros = np.zeros_like(values)
+    targets: dict[str, tuple[TensorRef, np.ndarray, bool]] = {
+        "effective": {
+            "bias_ih": (cell.bias_ih, values, False),
+            "bias_hh": (cell.bias_hh, zeros, False),
+        },
+        "both": {
+            "bias_ih": (cell.bias_ih, values, False),
+            "bias_hh": (cell.bias_hh, values, False),
+        },
+        "ih": {"bias_ih": (cell.bias_ih, values, False)},
+        "hh": {"bias_hh": (cell.bias_hh, values, False)},
+        "add": {"bias_ih": (cell.bias_ih, values, True)},
+    }[mode]  # type: ignore[assignment]
+    return [
+        _slice_edit(checkpoint, layer, cell, gate, parameter, ref, new, add)
+        for parameter, (ref, new, add) in targets.items()
+    ]
+
+
+def _slice_edit(
+    checkpoint: Checkpoint,
+    layer: RecurrentLayer,
+    cell: CellParams,
+    gate: Gate,
+    parameter: str,
+    ref: TensorRef,
+    values: np.ndarray,
+    add: bool,
+) -> SliceEdit:
+    _require_editable(ref)
+    rows = gate.rows(layer.hidden_size)
+    old_raw = checkpoint.raw(ref)[rows]
+    opmath = compute_dtype(ref.dtype)
+    new = values.astype(opmath)
+    if add:
+        new = widen(old_raw, ref.dtype).astype(opmath) + new
+    new_raw = round_to(new, ref.dtype)
+    return SliceEdit(
+        tensor=ref.name,
+        layer=layer.name,
+        cell_layer=cell.layer,
+        direction=cell.direction,
+        parameter=parameter,
+        gate=gate.name,
+        rows=(rows.start, rows.stop),
+        columns=None,
+        new_raw=new_raw,
+        before=_summary(old_raw, ref),
+        after=_summary(new_raw, ref),
+        changes_anything=not np.array_equal(old_raw.view(np.uint8), new_raw.view(np.uint8)),
+    )
+
+
+def _zero_columns(
+    checkpoint: Checkpoint, layer: RecurrentLayer, cell: CellParams, columns: tuple[int, ...]
+) -> SliceEdit:
+    ref = cell.weight_ih
+    _require_editable(ref)
+    old_raw = checkpoint.raw(ref)[:, list(columns)]
+    new_raw = round_to(np.zeros(old_raw.shape), ref.dtype)
+    return SliceEdit(
+        tensor=ref.name,
+        layer=layer.name,
+        cell_layer=cell.layer,
+        direction=cell.direction,
+        parameter="weight_ih",
+        gate=None,
+        rows=(0, ref.shape[0]),
+        columns=columns,
+        new_raw=new_raw,
+        before=_summary(old_raw, ref),
+        after=_summary(new_raw, ref),
+        changes_anything=not np.array_equal(
+            np.ascontiguousarray(old_raw).view(np.uint8), new_raw.view(np.uint8)
+        ),
+    )
+
+
+def _require_editable(ref: TensorRef) -> None:
+    if ref.dtype.name not in EDITABLE:
+        raise EditError(f"{ref.name}: cannot edit {ref.dtype.name} tensors")
+
+
+def _summary(raw: np.ndarray, ref: TensorRef) -> Summary:
+    summary = Summary.of(widen(np.asarray(raw), ref.dtype))
+    assert summary is not None
+    return summary
+
+
+def _bias_removals(layer: RecurrentLayer) -> list[TensorRemoval]:
+    return [
+        TensorRemoval(ref.name, layer.name)
+        for cell in layer.cells
+        for ref in (cell.bias_ih, cell.bias_hh)
+        if ref is not None
+    ]
+
+
+# --- Finishing a plan: gate effects and notes -------------------------------------------------
+
+
+def _finish(checkpoint: Checkpoint, plan: EditPlan) -> EditPlan:
+    plan.effects = gate_effects(checkpoint, plan)
+    plan.notes += _optimizer_notes(checkpoint, plan)
+    return plan
+
+
+def gate_effects(checkpoint: Checkpoint, plan: EditPlan) -> list[GateEffect]:
+    """Effective bias before and after, for every (cell, gate) whose biases the plan edits."""
+    layers = {layer.name: layer for layer in discover(checkpoint).layers}
+    touched: dict[tuple[str, int, str, str], None] = {}
+    for edit in plan.edits:
+        if edit.gate is not None and edit.parameter.startswith("bias"):
+            touched[(edit.layer, edit.cell_layer, edit.direction, edit.gate)] = None
+    effects = []
+    for layer_name, cell_layer, direction, gate_name in touched:
+        layer = layers[layer_name]
+        cell = next(c for c in layer.cells if (c.layer, c.direction) == (cell_layer, direction))
+        gate = find_gate(layer.kind, gate_name)
+        assert gate is not None and cell.bias_ih is not None and cell.bias_hh is not None
+        before = after = None
+        if gate.biases_sum:
+            before = Summary.of(_gate_sum(checkpoint, cell, gate, layer, []))
+            after = Summary.of(_gate_sum(checkpoint, cell, gate, layer, plan.edits))
+        effects.append(GateEffect(layer_name, cell_layer, direction, gate_name, before, after))
+    return effects
+
+
+def _gate_sum(
+    checkpoint: Checkpoint,
+    cell: CellParams,
+    gate: Gate,
+    layer: RecurrentLayer,
+    edits: list[SliceEdit],
+) -> np.ndarray:
+    total = np.zeros(layer.hidden_size)
+    for ref in (cell.bias_ih, cell.bias_hh):
+        assert ref is not None
+        raw = np.array(checkpoint.raw(ref))
+        for edit in edits:
+            if edit.tensor == ref.name and edit.columns is None:
+                raw[edit.rows[0] : edit.rows[1]] = edit.new_raw
+        total += widen(raw, ref.dtype)[gate.rows(layer.hidden_size)]
+    return total
+
+
+def _optimizer_notes(checkpoint: Checkpoint, plan: EditPlan) -> list[str]:
+    if not checkpoint.has_optimizer_state or not plan.changes_anything:
+        return []
+    if plan.changes_structure and plan.drop_optimizer_state:
+        return ["the optimizer state is removed from the output (--drop-optimizer-state)"]
+    if plan.additions or plan.removals:
+        return [
+            "the optimizer state no longer matches the parameters (it is indexed by parameter "
+            "position); pass --drop-optimizer-state to remove it"
+        ]
+    return [
+        "the optimizer state is unchanged: its moments for the edited tensors still reflect the old values"
+    ]
