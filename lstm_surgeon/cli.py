@@ -399,6 +399,48 @@ def zero_input(
     )
 
 
+@app.command()
+@_command
+def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+    """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
+
+    Example: [bold]lstm-surgeon verify fixed.pt[/bold]
+    """
+    from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.render import verification_view
+    from lstm_surgeon.verify import verify_checkpoint
+
+    out = Output(json)
+    with open_checkpoint(checkpoint) as opened:
+        verification = verify_checkpoint(opened, layer or ())
+    for warning in verification.warnings:
+        out.warn(warning)
+    out.show(verification_view(verification))
+    out.data(verification.to_dict())
+    if not verification.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
+    """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
+
+    Example: [bold]lstm-surgeon check downloaded.pt[/bold]
+    """
+    from lstm_surgeon.check import check_checkpoint
+    from lstm_surgeon.render import check_view
+
+    out = Output(json)
+    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
+    with out.progress("checking", size) as progress:
+        report = check_checkpoint(checkpoint, progress)
+    out.show(check_view(report))
+    out.data(report.to_dict())
+    if not report.sound:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the `lstm-surgeon` console script."""
     app(prog_name="lstm-surgeon")

@@ -8,10 +8,12 @@ from rich.table import Table
 from rich.text import Text
 
 from lstm_surgeon.apply import WriteResult
+from lstm_surgeon.check import CheckReport
 from lstm_surgeon.inspection import Inspection, LayerReport
 from lstm_surgeon.output import clean
 from lstm_surgeon.plan import EditPlan
 from lstm_surgeon.stats import CellStats, GateStats, Summary
+from lstm_surgeon.verify import GateOpening, Verification
 
 
 FAMILY_NOTES = {
@@ -197,3 +199,54 @@ def result_line(result: WriteResult) -> Text:
     if result.backup:
         line.append(f"; backup at {clean(result.backup)}", style="dim")
     return line
+
+
+def verification_view(verification: Verification) -> RenderableType:
+    table = Table(box=box.SIMPLE_HEAD)
+    for heading in (
+        "layer",
+        "kind",
+        "load (strict)",
+        "forward finite",
+        "gate openings at zero input",
+    ):
+        table.add_column(heading)
+    for layer in verification.layers:
+        openings = _opening_summary(layer.openings)
+        table.add_row(
+            Text(clean(layer.name) or "(root)"),
+            layer.kind,
+            "ok" if layer.loaded else Text("FAILED", style="red"),
+            "—" if not layer.loaded else ("ok" if layer.finite else Text("NaN/Inf", style="red")),
+            openings if layer.error is None else Text(clean(layer.error), style="red"),
+        )
+    verdict = (
+        Text("all layers load and run", style="green")
+        if verification.ok
+        else Text(
+            "some layers fail" if verification.layers else "no recurrent layers to verify",
+            style="red",
+        )
+    )
+    return Group(table, verdict)
+
+
+def _opening_summary(openings: tuple[GateOpening, ...]) -> str:
+    """Mean opening per gate over the cells: `forget=0.731 input=0.500 …`."""
+    by_gate: dict[str, list[float]] = {}
+    for opening in openings:
+        by_gate.setdefault(opening.gate, []).append(opening.opening)
+    return " ".join(f"{gate}={sum(v) / len(v):.3f}" for gate, v in by_gate.items()) or "(no biases)"
+
+
+def check_view(report: CheckReport) -> RenderableType:
+    scanned = (
+        f"{report.records_checked} zip records, {report.tensors_scanned} recurrent tensors checked"
+    )
+    if report.sound:
+        return Text(f"{clean(report.path)}: sound ({scanned})", style="green")
+    lines = [
+        Text(f"{clean(report.path)}: {len(report.problems)} problem(s) ({scanned})", style="red")
+    ]
+    lines += [Text(f"  {clean(problem)}") for problem in report.problems]
+    return Group(*lines)

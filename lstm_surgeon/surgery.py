@@ -293,10 +293,7 @@ def _slice_edit(
     rows = gate.rows(layer.hidden_size)
     old_raw = checkpoint.raw(ref)[rows]
     opmath = compute_dtype(ref.dtype)
-    new = values.astype(opmath)
-    if add:
-        new = widen(old_raw, ref.dtype).astype(opmath) + new
-    new_raw = round_to(new, ref.dtype)
+    new_raw = _added(old_raw, values, ref) if add else round_to(values.astype(opmath), ref.dtype)
     return SliceEdit(
         tensor=ref.name,
         layer=layer.name,
@@ -311,6 +308,14 @@ def _slice_edit(
         after=_summary(new_raw, ref),
         changes_anything=not np.array_equal(old_raw.view(np.uint8), new_raw.view(np.uint8)),
     )
+
+
+def _added(old_raw: np.ndarray, values: np.ndarray, ref: TensorRef) -> np.ndarray:
+    """`old + values` as torch's `add_` computes it: the scalar is first cast to the tensor's dtype,
+    the sum is computed in float32 (float64 for float64 tensors), then rounded to the dtype."""
+    opmath = compute_dtype(ref.dtype)
+    addend = widen(round_to(values.astype(opmath), ref.dtype), ref.dtype).astype(opmath)
+    return round_to(widen(old_raw, ref.dtype).astype(opmath) + addend, ref.dtype)
 
 
 def _zero_columns(

@@ -1,0 +1,195 @@
+"""`verify`: load every discovered layer into the real torch module and run it.
+
+This is the one command that needs torch: it builds `nn.LSTM`/`nn.GRU`/... from the discovered
+configuration, loads the tensors with `load_state_dict(strict=True)` in the file's dtype, and runs a
+forward pass on random input (in float32, since CPU kernels for half types are incomplete).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lstm_surgeon.checkpoint import Checkpoint
+from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
+
+SEQUENCE_LENGTH, BATCH = 5, 2
+
+
+@dataclass(frozen=True)
+class GateOpening:
+    """A gate's mean output at zero input and zero state, computed by torch from the loaded module."""
+
+    layer: int
+    direction: str
+    gate: str
+    opening: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "direction": self.direction,
+            "gate": self.gate,
+            "opening": self.opening,
+        }
+
+
+@dataclass(frozen=True)
+class LayerVerification:
+    name: str
+    kind: str
+    loaded: bool
+    finite: bool
+    error: str | None
+    openings: tuple[GateOpening, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.loaded and self.finite
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "ok": self.ok,
+            "loaded": self.loaded,
+            "finite": self.finite,
+            "error": self.error,
+            "openings": [opening.to_dict() for opening in self.openings],
+        }
+
+
+@dataclass(frozen=True)
+class Verification:
+    path: str
+    layers: tuple[LayerVerification, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers) and all(layer.ok for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "warnings": list(self.warnings),
+        }
+
+
+def verify_checkpoint(
+    checkpoint: Checkpoint, layer_globs: Iterable[str] = (), seed: int = 0
+) -> Verification:
+    """Load and run every selected layer in torch; report what fails."""
+    import torch
+
+    found = discover(checkpoint)
+    generator = torch.Generator().manual_seed(seed)
+    results = tuple(
+        _verify_layer(checkpoint, layer, torch, generator)
+        for layer in select_layers(found.layers, layer_globs)
+    )
+    return Verification(str(checkpoint.path), results, tuple(found.warnings))
+
+
+def build_module(layer: RecurrentLayer, torch: Any) -> Any:
+    """The torch module the discovered configuration describes (RNN assumed tanh: not stored)."""
+    nn = torch.nn
+    if layer.is_cell:
+        cell_class = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "RNNCell": nn.RNNCell}[
+            layer.kind
+        ]
+        return cell_class(layer.input_size, layer.hidden_size, bias=layer.bias)
+    options: dict[str, Any] = {
+        "num_layers": layer.num_layers,
+        "bias": layer.bias,
+        "bidirectional": layer.bidirectional,
+    }
+    if layer.proj_size:
+        options["proj_size"] = layer.proj_size
+    layer_class = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[layer.kind]
+    return layer_class(layer.input_size, layer.hidden_size, **options)
+
+
+def state_dict_for(checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any) -> dict[str, Any]:
+    """The layer's tensors as torch tensors, keyed as the module names them, in the file's dtype."""
+    prefix = f"{layer.name}." if layer.name else ""
+    state = {}
+    for cell in layer.cells:
+        for ref in cell.tensors():
+            raw = np.ascontiguousarray(checkpoint.raw(ref))
+            dtype = getattr(torch, ref.dtype.name)
+            if ref.dtype.numpy_exact:
+                tensor = torch.from_numpy(raw.copy())
+            else:  # bfloat16 / float8: reinterpret the stored bits
+                signed = raw.view(np.int16 if ref.dtype.itemsize == 2 else np.int8)
+                tensor = torch.from_numpy(signed.copy()).view(dtype)
+            state[ref.name.removeprefix(prefix)] = tensor
+    return state
+
+
+def _verify_layer(
+    checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any, generator: Any
+) -> LayerVerification:
+    module = build_module(layer, torch).to(getattr(torch, layer.dtype))
+    try:
+        module.load_state_dict(state_dict_for(checkpoint, layer, torch), strict=True)
+    except (RuntimeError, TypeError) as error:
+        first_line = str(error).strip().splitlines()
+        return LayerVerification(layer.name, layer.kind, False, False, " ".join(first_line[:3]))
+    module = module.float()
+    with torch.no_grad():
+        output = _forward(module, layer, torch, generator)
+    finite = all(bool(torch.isfinite(tensor).all()) for tensor in output)
+    openings = tuple(_openings(module, layer, torch))
+    error = None if finite else "the forward pass produced NaN or Inf"
+    return LayerVerification(layer.name, layer.kind, True, finite, error, openings)
+
+
+def _forward(module: Any, layer: RecurrentLayer, torch: Any, generator: Any) -> list[Any]:
+    if layer.is_cell:
+        inputs = torch.randn(BATCH, layer.input_size, generator=generator)
+        result = module(inputs)
+    else:
+        inputs = torch.randn(SEQUENCE_LENGTH, BATCH, layer.input_size, generator=generator)
+        result = module(inputs)
+    return list(_flatten(result))
+
+
+def _flatten(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+def _openings(module: Any, layer: RecurrentLayer, torch: Any) -> list[GateOpening]:
+    """Each gate's mean output for zero input and zero state, from the module's own parameters."""
+    openings = []
+    hidden = layer.hidden_size
+    for cell in layer.cells:
+        suffix = (
+            ""
+            if layer.is_cell
+            else f"_l{cell.layer}" + ("_reverse" if cell.direction == "reverse" else "")
+        )
+        if not layer.bias:
+            continue
+        b_ih = getattr(module, f"bias_ih{suffix}").detach().double()
+        b_hh = getattr(module, f"bias_hh{suffix}").detach().double()
+        for gate in layer.gates:
+            rows = gate.rows(hidden)
+            if gate.biases_sum:
+                pre = b_ih[rows] + b_hh[rows]
+            else:  # GRU new gate: n = tanh(b_in + r * b_hn) with r = sigmoid(b_ir + b_hr)
+                reset = layer.gates[0].rows(hidden)
+                pre = b_ih[rows] + torch.sigmoid(b_ih[reset] + b_hh[reset]) * b_hh[rows]
+            value = torch.sigmoid(pre) if gate.activation == "sigmoid" else torch.tanh(pre)
+            mean = float(value.mean())
+            openings.append(GateOpening(cell.layer, cell.direction, gate.name, mean))
+    return openings
