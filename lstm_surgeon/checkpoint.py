@@ -62,7 +62,10 @@ class TensorRef:
         """One past the last storage element this tensor touches (0 for an empty tensor)."""
         if self.numel == 0:
             return 0
-        last = sum((size - 1) * stride for size, stride in zip(self.shape, self.element_strides))
+        last = sum(
+            (size - 1) * stride
+            for size, stride in zip(self.shape, self.element_strides, strict=True)
+        )
         return self.element_offset + last + 1
 
 

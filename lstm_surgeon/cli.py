@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 import functools
-import sys
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +438,52 @@ def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
     out.show(check_view(report))
     out.data(report.to_dict())
     if not report.sound:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def diff(
+    a: CheckpointArg,
+    b: CheckpointArg,
+    layer: LayerOpt = None,
+    atol: Annotated[
+        float,
+        typer.Option("--atol", help="Absolute tolerance: equal when |a-b| <= atol + rtol*|b|."),
+    ] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance (of B's value).")] = 0.0,
+    strip_prefix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strip-prefix",
+            help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
+        ),
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
+
+    Example: [bold]lstm-surgeon diff before.pt after.safetensors --strip-prefix module.[/bold]
+    """
+    from lstm_surgeon.diff import diff_checkpoints
+    from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.render_diff import diff_view
+
+    out = Output(json)
+    with open_checkpoint(a) as first, open_checkpoint(b) as second:
+        result = diff_checkpoints(
+            first,
+            second,
+            atol=atol,
+            rtol=rtol,
+            layer_globs=layer or (),
+            strip_prefixes=strip_prefix or (),
+        )
+    for warning in result.warnings:
+        out.warn(warning)
+    out.show(diff_view(result))
+    out.data(result.to_dict())
+    if not result.identical:
         raise typer.Exit(1)
 
 

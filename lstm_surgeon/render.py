@@ -15,7 +15,6 @@ from lstm_surgeon.plan import EditPlan
 from lstm_surgeon.stats import CellStats, GateStats, Summary
 from lstm_surgeon.verify import GateOpening, Verification
 
-
 FAMILY_NOTES = {
     "GRU": "new gate: b_hn is multiplied by the reset gate, so b_in + b_hn is no effective bias",
     "RNN": "the nonlinearity (tanh or relu) is not stored in a checkpoint; tanh is shown",
@@ -91,7 +90,7 @@ def gate_table(report: LayerReport, cell: CellStats) -> Table:
 def gate_row(gate: GateStats) -> list[str]:
     effective = summary_cells(gate.effective)
     if not gate.gate.biases_sum:
-        effective = ("n/a", "b_hn × r")
+        effective = ("n/a", "b_hn * r")
     opening = (
         "—"
         if gate.activation_at_zero is None
@@ -159,7 +158,7 @@ def plan_view(plan: EditPlan) -> RenderableType:
             effects.add_row(
                 _cell_name(effect.layer, effect.cell_layer, effect.direction),
                 effect.gate,
-                _arrow(effect.before, effect.after) if effect.before else "n/a (b_hn × r)",
+                _arrow(effect.before, effect.after) if effect.before else "n/a (b_hn * r)",
                 after,
             )
         parts.append(effects)

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
-from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
+from lstm_surgeon.formats.pickle_reader import Opaque, TensorStub, load_safely
 from lstm_surgeon.formats.zip_records import ZipRecord, read_records, write_crc
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
