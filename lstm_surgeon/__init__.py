@@ -1,28 +1,46 @@
 """lstm-surgeon: inspect and edit the recurrent layers inside saved PyTorch checkpoints.
 
-The library is the product; the `lstm-surgeon` command is a thin layer over these functions.
+The library is the product; the `lstm-surgeon` command is a thin layer over these functions. Names are
+imported on first use, so `import lstm_surgeon` (and `lstm-surgeon --help`) stays fast.
 """
 
 from __future__ import annotations
 
-from lstm_surgeon.checkpoint import Checkpoint, TensorRef
-from lstm_surgeon.discovery import RecurrentLayer, discover
-from lstm_surgeon.errors import CheckpointError, EditError, OutputError, SurgeonError
-from lstm_surgeon.formats import open_checkpoint
-from lstm_surgeon.inspection import inspect_checkpoint
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "EditError",
-    "OutputError",
-    "RecurrentLayer",
-    "SurgeonError",
-    "TensorRef",
-    "__version__",
-    "discover",
-    "inspect_checkpoint",
-    "open_checkpoint",
-]
+_EXPORTS = {
+    "Checkpoint": "lstm_surgeon.checkpoint",
+    "TensorRef": "lstm_surgeon.checkpoint",
+    "open_checkpoint": "lstm_surgeon.formats",
+    "RecurrentLayer": "lstm_surgeon.discovery",
+    "discover": "lstm_surgeon.discovery",
+    "inspect_checkpoint": "lstm_surgeon.inspection",
+    "Selection": "lstm_surgeon.surgery",
+    "plan_set_forget_bias": "lstm_surgeon.surgery",
+    "plan_set_gate_bias": "lstm_surgeon.surgery",
+    "plan_chrono": "lstm_surgeon.surgery",
+    "plan_zero_bias": "lstm_surgeon.surgery",
+    "plan_add_bias": "lstm_surgeon.surgery",
+    "plan_zero_input": "lstm_surgeon.surgery",
+    "Destination": "lstm_surgeon.apply",
+    "apply_plan": "lstm_surgeon.apply",
+    "edit_checkpoint": "lstm_surgeon.apply",
+    "diff_checkpoints": "lstm_surgeon.diff",
+    "verify_checkpoint": "lstm_surgeon.verify",
+    "check_checkpoint": "lstm_surgeon.check",
+    "SurgeonError": "lstm_surgeon.errors",
+    "CheckpointError": "lstm_surgeon.errors",
+    "EditError": "lstm_surgeon.errors",
+    "OutputError": "lstm_surgeon.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lstm_surgeon' has no attribute {name!r}")

@@ -19,7 +19,6 @@ import typer
 
 from lstm_surgeon import __version__
 from lstm_surgeon.errors import Interrupted, SurgeonError
-from lstm_surgeon.output import Output
 
 app = typer.Typer(
     name="lstm-surgeon",
@@ -27,7 +26,7 @@ app = typer.Typer(
     "(torch.save .pt files and .safetensors), without the training code.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: rich-formatted help costs ~100 ms per call
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -51,15 +50,24 @@ class Mode(str, enum.Enum):
 _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
 # Options shared by several commands, defined once.
-CheckpointArg = Annotated[Path, typer.Argument(help="A .pt (torch.save) or .safetensors file.")]
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CHECKPOINT", help="A .pt (torch.save) or .safetensors file.")
+]
 LayerOpt = Annotated[
     list[str] | None,
-    typer.Option("--layer", "-l", help="Only layers whose name matches this glob (repeatable)."),
+    typer.Option(
+        "--layer",
+        "-l",
+        metavar="GLOB",
+        help="Only layers whose name matches this glob (repeatable).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
 OutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Write the result here (suffix picks the format)."),
+    typer.Option(
+        "--output", "-o", metavar="PATH", help="Write the result here (suffix picks the format)."
+    ),
 ]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Edit the checkpoint itself.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -68,7 +76,9 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before wri
 BackupOpt = Annotated[bool, typer.Option("--backup", help="With --in-place: keep FILE.bak.")]
 SublayerOpt = Annotated[
     list[int] | None,
-    typer.Option("--sublayer", help="Only this sub-layer index of stacked layers (repeatable)."),
+    typer.Option(
+        "--sublayer", metavar="K", help="Only this sub-layer index of stacked layers (repeatable)."
+    ),
 ]
 DirectionOpt = Annotated[
     Direction | None,
@@ -88,6 +98,13 @@ DropOptimizerOpt = Annotated[
 ]
 
 
+def _output(json_mode: bool = False) -> Any:
+    """The output sink (rich is imported only when a command runs, not for --help)."""
+    from lstm_surgeon.output import Output
+
+    return Output(json_mode)
+
+
 def _command(function: F) -> F:
     """Turn library errors and Ctrl-C into one stderr line and an exit code."""
 
@@ -101,14 +118,14 @@ def _command(function: F) -> F:
         except SurgeonError as error:
             if _debug["on"]:
                 raise
-            Output().error(str(error))
+            _output().error(str(error))
             raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
             if _debug["on"]:
                 raise
-            Output().error(
+            _output().error(
                 f"internal error ({type(error).__name__}: {error}); rerun with --debug to see where"
             )
             raise typer.Exit(INTERNAL_ERROR) from None
@@ -141,13 +158,16 @@ def _root(
 def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
-    Example: [bold]lstm-surgeon inspect model.pt --layer 'encoder*'[/bold]
+    Example:
+
+    \b
+    lstm-surgeon inspect model.pt --layer 'encoder*'
     """
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
     from lstm_surgeon.render import inspection_view
 
-    out = Output(json)
+    out = _output(json)
     with open_checkpoint(checkpoint) as opened:
         inspection = inspect_checkpoint(opened, layer or ())
     for warning in inspection.warnings:
@@ -184,7 +204,7 @@ def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions)
     from lstm_surgeon.apply import Destination, edit_checkpoint
     from lstm_surgeon.render import plan_view, result_line
 
-    out = Output(options.json)
+    out = _output(options.json)
     destination = None
     if not options.dry_run:
         destination = Destination(options.output, options.in_place, options.force, options.backup)
@@ -252,7 +272,10 @@ def set_forget_bias(
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
-    Example: [bold]lstm-surgeon set-forget-bias model.pt -o fixed.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon set-forget-bias model.pt -o fixed.pt
     """
     from lstm_surgeon.surgery import plan_chrono, plan_set_forget_bias
 
@@ -272,6 +295,7 @@ def set_gate_bias(
         str,
         typer.Option(
             "--gate",
+            metavar="NAME",
             help="input/forget/cell/output (i, f, g, o) for LSTM; reset/update/new (r, z, n) for "
             "GRU; hidden for RNN.",
         ),
@@ -291,7 +315,10 @@ def set_gate_bias(
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
-    Example: [bold]lstm-surgeon set-gate-bias model.pt --gate update --value -1 -o out.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon set-gate-bias model.pt --gate update --value -1 -o out.pt
     """
     from lstm_surgeon.surgery import plan_set_gate_bias
 
@@ -308,7 +335,8 @@ def set_gate_bias(
 def zero_bias(
     checkpoint: CheckpointArg,
     gate: Annotated[
-        list[str] | None, typer.Option("--gate", help="Only this gate (repeatable; default all).")
+        list[str] | None,
+        typer.Option("--gate", metavar="NAME", help="Only this gate (repeatable; default all)."),
     ] = None,
     drop: Annotated[
         bool, typer.Option("--drop", help="Remove the bias tensors (for bias=False modules).")
@@ -327,7 +355,10 @@ def zero_bias(
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
-    Example: [bold]lstm-surgeon zero-bias model.pt --drop -o nobias.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon zero-bias model.pt --drop -o nobias.pt
     """
     from lstm_surgeon.surgery import plan_zero_bias
 
@@ -355,7 +386,10 @@ def add_bias(
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
-    Example: [bold]lstm-surgeon add-bias nobias.pt -o biased.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon add-bias nobias.pt -o biased.pt
     """
     from lstm_surgeon.surgery import plan_add_bias
 
@@ -372,7 +406,10 @@ def add_bias(
 def zero_input(
     checkpoint: CheckpointArg,
     features: Annotated[
-        str, typer.Option("--features", help="Comma-separated input feature indices, e.g. 2,5.")
+        str,
+        typer.Option(
+            "--features", metavar="LIST", help="Comma-separated input feature indices, e.g. 2,5."
+        ),
     ],
     layer: LayerOpt = None,
     direction: DirectionOpt = None,
@@ -386,7 +423,10 @@ def zero_input(
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
-    Example: [bold]lstm-surgeon zero-input model.pt --features 2,5 -o out.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon zero-input model.pt --features 2,5 -o out.pt
     """
     from lstm_surgeon.surgery import parse_features, plan_zero_input
 
@@ -404,13 +444,16 @@ def zero_input(
 def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
-    Example: [bold]lstm-surgeon verify fixed.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon verify fixed.pt
     """
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.render import verification_view
     from lstm_surgeon.verify import verify_checkpoint
 
-    out = Output(json)
+    out = _output(json)
     with open_checkpoint(checkpoint) as opened:
         verification = verify_checkpoint(opened, layer or ())
     for warning in verification.warnings:
@@ -426,12 +469,15 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
 def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
     """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
 
-    Example: [bold]lstm-surgeon check downloaded.pt[/bold]
+    Example:
+
+    \b
+    lstm-surgeon check downloaded.pt
     """
     from lstm_surgeon.check import check_checkpoint
     from lstm_surgeon.render import check_view
 
-    out = Output(json)
+    out = _output(json)
     size = checkpoint.stat().st_size if checkpoint.is_file() else 0
     with out.progress("checking", size) as progress:
         report = check_checkpoint(checkpoint, progress)
@@ -444,8 +490,8 @@ def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
 @app.command()
 @_command
 def diff(
-    a: CheckpointArg,
-    b: CheckpointArg,
+    a: Annotated[Path, typer.Argument(metavar="A", help="The first checkpoint (any format).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="The second checkpoint (any format).")],
     layer: LayerOpt = None,
     atol: Annotated[
         float,
@@ -463,13 +509,16 @@ def diff(
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
 
-    Example: [bold]lstm-surgeon diff before.pt after.safetensors --strip-prefix module.[/bold]
+    Example:
+
+    \b
+    lstm-surgeon diff before.pt after.safetensors --strip-prefix module.
     """
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.render_diff import diff_view
 
-    out = Output(json)
+    out = _output(json)
     with open_checkpoint(a) as first, open_checkpoint(b) as second:
         result = diff_checkpoints(
             first,
