@@ -7,6 +7,7 @@ records; everything else (discovery, statistics, edits, diff) only sees these re
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # exact: a hostile shape must not wrap around
 
     @property
     def nbytes(self) -> int:

@@ -201,7 +201,8 @@ def _stacked_layer(module: str, parameters: dict[str, TensorRef]) -> RecurrentLa
         by_cell.setdefault((int(match.group(2)), direction), {})[match.group(1)] = ref
     first = by_cell.get((0, FORWARD), {})
     if "weight_ih" not in first or "weight_hh" not in first:
-        return None
+        some = next(iter(parameters.values()))
+        raise ShapeMismatch(f"{some.name}: {module or '(root)'} lacks weight_ih_l0 or weight_hh_l0")
     num_layers = 1 + max(index for index, _ in by_cell)
     bidirectional = any(direction == REVERSE for _, direction in by_cell)
     directions = (FORWARD, REVERSE) if bidirectional else (FORWARD,)

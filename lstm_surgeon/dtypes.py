@@ -124,4 +124,6 @@ def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
         is_nan = np.isnan(bits.view(np.float32))
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         return np.where(is_nan, np.uint32(0x7FC0), rounded).astype(np.uint16)
+    if dtype.name == "float16":  # torch rounds through float32 first, so must we
+        return np.asarray(values, dtype=np.float32).astype(np.float16)
     return np.asarray(values).astype(dtype.storage)

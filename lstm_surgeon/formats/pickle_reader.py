@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if func in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
+    if isinstance(func, _Global) and func.function in _TENSOR_REBUILDERS:
         return func(*args)
     return _opaque_type("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
 
@@ -163,13 +164,35 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
 _UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
 
 
+_TENSOR_REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+_EXTENSION_OPCODES = frozenset({"EXT1", "EXT2", "EXT4"})
+
+
+class _Global:
+    """A fresh, immutable stand-in for an allowed function, one per lookup: a pickle can BUILD on
+    what `find_class` returns, and must not be able to change this module's functions."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        object.__setattr__(self, "function", function)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError("a pickle tried to modify a global")
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Builds stubs and inert objects; resolves no real global, so nothing in the file can run."""
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
+        if isinstance(allowed, type):
+            return allowed  # builtin container types: immutable
         if allowed is not None:
-            return allowed
+            return _Global(allowed)
         if (module, name) in _UNTYPED_STORAGES:
             return StorageType("")
         if module == "torch" and name in BY_TORCH_STORAGE_CLASS:
@@ -193,4 +216,17 @@ class SafeUnpickler(pickle.Unpickler):
 
 def load_safely(data: bytes) -> Any:
     """The object tree of a pickle, with stubs in place of tensors, storages and foreign objects."""
+    _refuse_extension_codes(data)
     return SafeUnpickler(io.BytesIO(data)).load()
+
+
+def _refuse_extension_codes(data: bytes) -> None:
+    """EXT opcodes resolve through `copyreg`'s process-wide cache *before* `find_class`, so they could
+    reach a real global another unpickle cached. torch.save never writes them: refuse them."""
+    if not any(code in data for code in (b"\x82", b"\x83", b"\x84")):
+        return
+    for opcode, _, _ in pickletools.genops(data):
+        if opcode.name in _EXTENSION_OPCODES:
+            raise pickle.UnpicklingError(
+                f"the pickle uses the {opcode.name} opcode (never written by torch.save)"
+            )

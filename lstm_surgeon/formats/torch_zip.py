@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
+from lstm_surgeon.dtypes import DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
-from lstm_surgeon.formats.pickle_reader import Opaque, TensorStub, load_safely
-from lstm_surgeon.formats.zip_records import ZipRecord, read_records, write_crc
+from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
+from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored, write_crc
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
 MAX_DEPTH = 200
@@ -54,7 +55,7 @@ class TorchZipFormat:
         records = read_records(path, buffer)
         prefix = _archive_prefix(path, records)
         _check_byteorder(path, buffer, records, prefix)
-        pickle_record = records[f"{prefix}data.pkl"]
+        pickle_record = require_stored(path, records[f"{prefix}data.pkl"])
         if not pickle_record.check_crc(buffer):
             raise CheckpointError(f"{path}: corrupt file (CRC-32 mismatch in {pickle_record.name})")
         root = _unpickle(
@@ -184,6 +185,8 @@ def _collect_tensors(
                 continue
             seen.add(id(node))
             name = _dotted(location)
+            if name in tensors:
+                raise CheckpointError(f"{path}: two tensors are both named {name!r} (ambiguous)")
             tensors[name] = _tensor_ref(path, name, node, records, prefix)
             locations[name] = location
     except RecursionError:
@@ -194,9 +197,14 @@ def _collect_tensors(
 def _tensor_ref(
     path: Path, name: str, stub: TensorStub, records: dict[str, ZipRecord], prefix: str
 ) -> TensorRef:
+    if not _well_formed(stub):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a malformed size, stride, offset or dtype"
+        )
     record = records.get(f"{prefix}data/{stub.storage.key}")
     if record is None:
         raise CheckpointError(f"{path}: tensor {name!r} refers to a missing storage record")
+    require_stored(path, record)
     contiguous = _contiguous(stub.shape) == stub.stride
     ref = TensorRef(
         name=name,
@@ -217,6 +225,22 @@ def _tensor_ref(
             f"{path}: tensor {name!r} runs past the end of its storage (truncated?)"
         )
     return ref
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _well_formed(stub: TensorStub) -> bool:
+    """The pickle supplies a tensor's record field by field (and BUILD can overwrite them): check types."""
+    return (
+        isinstance(stub.dtype, DType)
+        and isinstance(stub.storage, StorageStub)
+        and isinstance(stub.shape, tuple)
+        and isinstance(stub.stride, tuple)
+        and len(stub.shape) == len(stub.stride)
+        and all(_is_int(value) for value in (*stub.shape, *stub.stride, stub.storage_offset))
+    )
 
 
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ class ZipRecord:
     size: int
     crc: int
     crc_offsets: tuple[int, ...]  # every file offset holding this record's CRC-32
+    stored: bool = True  # False: compressed, so its bytes cannot be read or patched in place
 
     def check_crc(self, buffer: mmap.mmap | bytes) -> bool:
         return crc32_of(buffer, self.data_offset, self.size) == self.crc
@@ -59,6 +60,15 @@ def write_crc(buffer: mmap.mmap, record: ZipRecord) -> int:
     for offset in record.crc_offsets:
         struct.pack_into("<I", buffer, offset, crc)
     return crc
+
+
+def require_stored(path: Path, record: ZipRecord) -> ZipRecord:
+    """The record, if its bytes lie uncompressed in the file (as torch.save writes them)."""
+    if not record.stored:
+        raise CheckpointError(
+            f"{path}: zip record {record.name!r} is compressed; torch.save writes stored records only"
+        )
+    return record
 
 
 def read_records(path: Path, buffer: mmap.mmap | bytes) -> dict[str, ZipRecord]:
@@ -110,19 +120,16 @@ def _read_central_entry(
     name = bytes(buffer[position + 46 : position + 46 + name_len]).decode("utf-8", "replace")
     extra = bytes(buffer[position + 46 + name_len : position + 46 + name_len + extra_len])
     size, compressed, local_offset = _apply_zip64(extra, size, compressed, local_offset)
-    if method != STORED or compressed != size:
-        raise CheckpointError(
-            f"{path}: zip record {name!r} is compressed; torch.save writes stored records only"
-        )
+    stored = method == STORED and compressed == size
     data_offset, local_crc_offset = _local_data_offset(path, buffer, local_offset, name)
-    if data_offset + size > len(buffer):
+    if data_offset + compressed > len(buffer):
         raise CheckpointError(f"{path}: truncated zip archive (record {name!r} runs past the end)")
     crc_offsets = [position + 16]
     if flags & FLAG_DATA_DESCRIPTOR:
-        crc_offsets.append(_descriptor_crc_offset(path, buffer, data_offset + size))
+        crc_offsets.append(_descriptor_crc_offset(path, buffer, data_offset + compressed))
     else:
         crc_offsets.append(local_crc_offset)
-    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets))
+    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored)
     return record, position + 46 + name_len + extra_len + comment_len
 
 
