@@ -519,7 +519,11 @@ def diff(
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
-    with open_checkpoint(a) as first, open_checkpoint(b) as second:
+    with (
+        open_checkpoint(a) as first,
+        open_checkpoint(b) as second,
+        out.progress("comparing", first.size) as progress,
+    ):
         result = diff_checkpoints(
             first,
             second,
@@ -527,6 +531,7 @@ def diff(
             rtol=rtol,
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
+            progress=progress,
         )
     for warning in result.warnings:
         out.warn(warning)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,9 +373,16 @@ class _Pair:
     info: _Recurrent | None
 
 
-def _compare_pair(pair: _Pair, sides: tuple[_Side, _Side], tol: _Tolerance) -> TensorDiff | None:
+def _compare_pair(
+    pair: _Pair,
+    sides: tuple[_Side, _Side],
+    tol: _Tolerance,
+    progress: Callable[[int], None] | None = None,
+) -> TensorDiff | None:
     """The tensor's differences, or None when it is unchanged within tolerance."""
     a, b = pair.a, pair.b
+    if progress is not None:
+        progress(a.nbytes)
     dtype = (a.dtype.name, b.dtype.name) if a.dtype != b.dtype else None
     if a.shape != b.shape:
         return _tensor_diff(pair, None, (), dtype, (a.shape, b.shape), ())
@@ -469,6 +476,7 @@ def diff_checkpoints(
     rtol: float = 0.0,
     layer_globs: Iterable[str] = (),
     strip_prefixes: Iterable[str] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> DiffResult:
     """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
 
@@ -492,7 +500,7 @@ def diff_checkpoints(
     shared = [name for name in in_a if name in names[1]]
     sides = (_Side(a, names[0]), _Side(b, names[1]))
     pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
-    changed = [d for d in (_compare_pair(p, sides, tol) for p in pairs) if d is not None]
+    changed = [d for d in (_compare_pair(p, sides, tol, progress) for p in pairs) if d is not None]
     return DiffResult(
         a=str(a.path),
         b=str(b.path),
