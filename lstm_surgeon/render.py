@@ -64,6 +64,13 @@ def cell_label(report: LayerReport, cell: CellStats) -> str:
     return f"layer {cell.layer} {cell.direction}"
 
 
+def summary_cell(summary: Summary | None) -> str:
+    """A summary in one table cell: `+0.128 [-0.06, +0.28]` (mean [min, max])."""
+    if summary is None:
+        return "—"
+    return f"{summary.mean:+.3f} [{summary.min:+.2f}, {summary.max:+.2f}]"
+
+
 def gate_table(report: LayerReport, cell: CellStats) -> Table:
     table = Table(
         title=cell_label(report, cell),
@@ -71,32 +78,22 @@ def gate_table(report: LayerReport, cell: CellStats) -> Table:
         title_style="italic",
         box=box.SIMPLE_HEAD,
     )
-    table.add_column("gate")
-    for heading in (
-        "b_ih mean",
-        "b_ih range",
-        "b_hh mean",
-        "b_hh range",
-        "effective",
-        "eff. range",
-    ):
-        table.add_column(heading, justify="right")
-    table.add_column("at zero input", justify="right")
+    table.add_column("gate", no_wrap=True, min_width=6)
+    for heading in ("b_ih mean [min, max]", "b_hh mean [min, max]", "effective b_ih + b_hh"):
+        table.add_column(Text(heading), justify="right", no_wrap=True)
+    table.add_column("at zero input", justify="right", no_wrap=True)
     for gate in cell.gates:
         table.add_row(gate.gate.name, *gate_row(gate))
     return table
 
 
 def gate_row(gate: GateStats) -> list[str]:
-    effective = summary_cells(gate.effective)
-    if not gate.gate.biases_sum:
-        effective = ("n/a", "b_hn * r")
-    opening = (
-        "—"
-        if gate.activation_at_zero is None
-        else f"{gate.activation}={gate.activation_at_zero:.3f}"
-    )
-    return [*summary_cells(gate.bias_ih), *summary_cells(gate.bias_hh), *effective, opening]
+    effective = summary_cell(gate.effective) if gate.gate.biases_sum else "n/a (b_hn × r)"
+    opening = "—"
+    if gate.activation_at_zero is not None:
+        symbol = "σ" if gate.activation == "sigmoid" else gate.activation
+        opening = f"{symbol} {gate.activation_at_zero:.3f}"
+    return [summary_cell(gate.bias_ih), summary_cell(gate.bias_hh), effective, opening]
 
 
 def inspection_view(inspection: Inspection) -> RenderableType:
