@@ -45,6 +45,11 @@ class Destination:
     in_place: bool = False
     force: bool = False
     backup: bool = False
+    fsync: bool = False  # make a -o output durable against power loss (in-place edits always are)
+
+    @property
+    def durable(self) -> bool:
+        return self.in_place or self.fsync
 
     def __post_init__(self) -> None:
         if (self.output is None) == (not self.in_place):
@@ -128,10 +133,10 @@ def apply_plan(
         _patch_in_place(checkpoint, plan.edits)
         method = "patch"
     elif same_structure:
-        _copy_and_patch(checkpoint, plan.edits, target, progress)
+        _copy_and_patch(checkpoint, plan.edits, target, destination.durable, progress)
         method = "patch"
     else:
-        _rewrite(checkpoint, plan, target, target_format)
+        _rewrite(checkpoint, plan, target, target_format, destination.durable)
         method = "rewrite"
     return WriteResult(
         str(target), target_format.name, destination.in_place, method != "none", method, backup
@@ -162,21 +167,29 @@ def assign(array: np.ndarray, edit: SliceEdit) -> None:
         array[start:stop, list(edit.columns)] = edit.new_raw
 
 
-def _patch_buffer(buffer: mmap.mmap, checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
+def patch_buffer(buffer: mmap.mmap, checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
+    """Write the edits' slices into a writable map of (a copy of) the checkpoint, then refresh the
+    checksums of the storages they touched."""
     write_edits(buffer, checkpoint, edits)
+    fault_point("mid-patch")
     checkpoint.format.refresh_checksums(checkpoint, buffer, _touched_storages(checkpoint, edits))
-    buffer.flush()
 
 
 def _copy_and_patch(
-    checkpoint: Checkpoint, edits: list[SliceEdit], target: Path, progress: Progress | None
+    checkpoint: Checkpoint,
+    edits: list[SliceEdit],
+    target: Path,
+    durable: bool,
+    progress: Progress | None,
 ) -> None:
-    with open(checkpoint.path, "rb") as source, atomic_output(target, _mode(checkpoint)) as out:
+    with (
+        open(checkpoint.path, "rb") as source,
+        atomic_output(target, _mode(checkpoint), durable) as out,
+    ):
         copy_file(source, out, checkpoint.size, progress)
-        out.flush()
         if edits:
             with mmap.mmap(out.fileno(), checkpoint.size) as buffer:
-                _patch_buffer(buffer, checkpoint, edits)
+                patch_buffer(buffer, checkpoint, edits)
 
 
 def _patch_in_place(checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
@@ -195,9 +208,7 @@ def _patch_in_place(checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
         fault_point("after-journal")
         try:
             with mmap.mmap(file.fileno(), 0) as buffer:
-                write_edits(buffer, checkpoint, edits)
-                fault_point("mid-patch")
-                checkpoint.format.refresh_checksums(checkpoint, buffer, keys)
+                patch_buffer(buffer, checkpoint, edits)
                 buffer.flush()
             os.fsync(file.fileno())
             fault_point("before-journal-removal")
@@ -216,13 +227,17 @@ def _mode(checkpoint: Checkpoint) -> int:
 
 
 def _rewrite(
-    checkpoint: Checkpoint, plan: EditPlan, target: Path, target_format: CheckpointFormat
+    checkpoint: Checkpoint,
+    plan: EditPlan,
+    target: Path,
+    target_format: CheckpointFormat,
+    durable: bool,
 ) -> None:
     drop_keys = _optimizer_keys(checkpoint) if plan.drop_optimizer_state else frozenset()
     tensors = output_tensors(checkpoint, plan, drop_keys)
     if target_format.name == "safetensors" and checkpoint.format_name != "safetensors":
         _require_plain_state_dict(checkpoint, drop_keys)
-    with atomic_output(target, _mode(checkpoint)) as out:
+    with atomic_output(target, _mode(checkpoint), durable) as out:
         target_format.write(out, tensors, checkpoint, drop_keys)
 
 

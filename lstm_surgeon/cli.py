@@ -74,6 +74,12 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing o
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before writing.")]
 BackupOpt = Annotated[bool, typer.Option("--backup", help="With --in-place: keep FILE.bak.")]
+FsyncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fsync", help="Make a -o output durable against power loss (in-place always is)."
+    ),
+]
 SublayerOpt = Annotated[
     list[int] | None,
     typer.Option(
@@ -187,6 +193,7 @@ class EditOptions:
     yes: bool
     json: bool
     backup: bool
+    fsync: bool
 
 
 def _selection(
@@ -207,7 +214,9 @@ def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions)
     out = _output(options.json)
     destination = None
     if not options.dry_run:
-        destination = Destination(options.output, options.in_place, options.force, options.backup)
+        destination = Destination(
+            options.output, options.in_place, options.force, options.backup, options.fsync
+        )
 
     def preview(plan: Any) -> bool:
         for skipped in plan.skipped:
@@ -269,6 +278,7 @@ def set_forget_bias(
     yes: YesOpt = False,
     json: JsonOpt = False,
     backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
@@ -284,7 +294,9 @@ def set_forget_bias(
         planner = lambda ck: plan_chrono(ck, chrono, seed, mode.value, selection)  # noqa: E731
     else:
         planner = lambda ck: plan_set_forget_bias(ck, value, mode.value, selection)  # noqa: E731
-    _edit(checkpoint, planner, EditOptions(output, in_place, force, dry_run, yes, json, backup))
+    _edit(
+        checkpoint, planner, EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync)
+    )
 
 
 @app.command("set-gate-bias")
@@ -312,6 +324,7 @@ def set_gate_bias(
     yes: YesOpt = False,
     json: JsonOpt = False,
     backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
@@ -326,7 +339,7 @@ def set_gate_bias(
     _edit(
         checkpoint,
         lambda ck: plan_set_gate_bias(ck, gate, value, mode.value, selection),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
     )
 
 
@@ -352,6 +365,7 @@ def zero_bias(
     yes: YesOpt = False,
     json: JsonOpt = False,
     backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
@@ -366,7 +380,7 @@ def zero_bias(
     _edit(
         checkpoint,
         lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
     )
 
 
@@ -383,6 +397,7 @@ def add_bias(
     yes: YesOpt = False,
     json: JsonOpt = False,
     backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
@@ -397,7 +412,7 @@ def add_bias(
     _edit(
         checkpoint,
         lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
     )
 
 
@@ -420,6 +435,7 @@ def zero_input(
     yes: YesOpt = False,
     json: JsonOpt = False,
     backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
@@ -435,7 +451,7 @@ def zero_input(
     _edit(
         checkpoint,
         lambda ck: plan_zero_input(ck, indices, selection),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup),
+        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
     )
 
 

@@ -1,7 +1,9 @@
 """Safe file writing: atomic outputs, kernel-side copies, in-place patches that survive `kill -9`.
 
-- A new file is written to a temporary file in the destination's folder, fsynced, given the source's
-  mode, then renamed over the destination: readers see the old file or the new one, never a mix.
+- A new file is written to a temporary file in the destination's folder, given the source's mode, then
+  renamed over the destination: readers (and a killed run) see the old file or the new one, never a
+  mix. Replacing the input (`--in-place`) or asking for `--fsync` also fsyncs the file and the folder
+  first, so the result survives a power loss too; a plain `-o` skips that, as `cp` does.
 - The bulk of an unchanged checkpoint is copied by the kernel (`copy_file_range`, else `sendfile`).
 - An in-place patch first writes the original bytes of every region it will touch to a journal next to
   the file (fsynced), then patches, fsyncs and deletes the journal. A run that finds a journal rolls
@@ -63,8 +65,9 @@ def check_output_path(output: Path, source: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(destination: Path, mode: int) -> Iterator[BinaryIO]:
-    """A temporary file that becomes `destination` (with `mode`) only if the block succeeds."""
+def atomic_output(destination: Path, mode: int, durable: bool = True) -> Iterator[BinaryIO]:
+    """A temporary file that becomes `destination` (with `mode`) only if the block succeeds;
+    `durable` fsyncs it before the rename (and the folder after)."""
     folder = destination.parent
     try:
         handle, temp_name = tempfile.mkstemp(
@@ -77,10 +80,12 @@ def atomic_output(destination: Path, mode: int) -> Iterator[BinaryIO]:
         with os.fdopen(handle, "w+b") as file:
             yield file
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
             os.fchmod(file.fileno(), stat.S_IMODE(mode))
         os.replace(temp, destination)
-        fsync_folder(folder)
+        if durable:
+            fsync_folder(folder)
     except OSError as error:
         temp.unlink(missing_ok=True)
         raise OutputError(f"{destination}: cannot write: {error.strerror or error}") from None

@@ -10,6 +10,7 @@ needs torch, and only for files whose objects torch can re-create safely.
 from __future__ import annotations
 
 import mmap
+import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -52,7 +53,8 @@ class TorchZipFormat:
                 f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
                 "(torch.save(torch.load(path, weights_only=True), new_path)) and try again"
             )
-        records = read_records(path, buffer)
+        with open(path, "rb") as file:
+            records = read_records(path, buffer, lambda at, size: os.pread(file.fileno(), size, at))
         prefix = _archive_prefix(path, records)
         _check_byteorder(path, buffer, records, prefix)
         pickle_record = require_stored(path, records[f"{prefix}data.pkl"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +72,22 @@ def require_stored(path: Path, record: ZipRecord) -> ZipRecord:
     return record
 
 
-def read_records(path: Path, buffer: mmap.mmap | bytes) -> dict[str, ZipRecord]:
-    """Every record of the archive, by name, in central-directory order."""
+ReadAt = Callable[[int, int], bytes]  # (offset, size) -> the bytes there (fewer at the end of file)
+
+
+def read_records(
+    path: Path, buffer: mmap.mmap | bytes, read_at: ReadAt | None = None
+) -> dict[str, ZipRecord]:
+    """Every record of the archive, by name, in central-directory order.
+
+    The local headers are spread over the whole file; `read_at` (an `os.pread`, say) reads them
+    without touching the memory map, whose every touch can map a large page-cache block."""
+    read_at = read_at or (lambda offset, size: bytes(buffer[offset : offset + size]))
     directory_offset, count = _find_central_directory(path, buffer)
     records: dict[str, ZipRecord] = {}
     position = directory_offset
     for _ in range(count):
-        record, position = _read_central_entry(path, buffer, position)
+        record, position = _read_central_entry(path, buffer, read_at, position)
         if record.name in records:
             raise CheckpointError(f"{path}: the zip archive holds {record.name!r} twice")
         records[record.name] = record
@@ -109,7 +119,7 @@ def _find_central_directory(path: Path, buffer: mmap.mmap | bytes) -> tuple[int,
 
 
 def _read_central_entry(
-    path: Path, buffer: mmap.mmap | bytes, position: int
+    path: Path, buffer: mmap.mmap | bytes, read_at: ReadAt, position: int
 ) -> tuple[ZipRecord, int]:
     if buffer[position : position + 4] != CENTRAL_HEADER:
         raise CheckpointError(f"{path}: corrupt zip archive (bad central directory entry)")
@@ -121,12 +131,12 @@ def _read_central_entry(
     extra = bytes(buffer[position + 46 + name_len : position + 46 + name_len + extra_len])
     size, compressed, local_offset = _apply_zip64(extra, size, compressed, local_offset)
     stored = method == STORED and compressed == size
-    data_offset, local_crc_offset = _local_data_offset(path, buffer, local_offset, name)
+    data_offset, local_crc_offset = _local_data_offset(path, read_at, local_offset, name)
     if data_offset + compressed > len(buffer):
         raise CheckpointError(f"{path}: truncated zip archive (record {name!r} runs past the end)")
     crc_offsets = [position + 16]
     if flags & FLAG_DATA_DESCRIPTOR:
-        crc_offsets.append(_descriptor_crc_offset(path, buffer, data_offset + compressed))
+        crc_offsets.append(_descriptor_crc_offset(path, read_at, data_offset + compressed))
     else:
         crc_offsets.append(local_crc_offset)
     record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored)
@@ -151,17 +161,18 @@ def _apply_zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple
     return size, compressed, offset
 
 
-def _local_data_offset(
-    path: Path, buffer: mmap.mmap | bytes, offset: int, name: str
-) -> tuple[int, int]:
-    if buffer[offset : offset + 4] != LOCAL_HEADER:
+def _local_data_offset(path: Path, read_at: ReadAt, offset: int, name: str) -> tuple[int, int]:
+    header = read_at(offset, 30)
+    if len(header) < 30 or header[:4] != LOCAL_HEADER:
         raise CheckpointError(f"{path}: corrupt zip archive (no local header for {name!r})")
-    name_len, extra_len = _unpack(path, "<HH", buffer, offset + 26)
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
     return offset + 30 + name_len + extra_len, offset + 14
 
 
-def _descriptor_crc_offset(path: Path, buffer: mmap.mmap | bytes, offset: int) -> int:
-    if buffer[offset : offset + 4] == DATA_DESCRIPTOR:
-        offset += 4
-    _unpack(path, "<I", buffer, offset)
+def _descriptor_crc_offset(path: Path, read_at: ReadAt, offset: int) -> int:
+    descriptor = read_at(offset, 8)
+    if descriptor[:4] == DATA_DESCRIPTOR:
+        offset, descriptor = offset + 4, descriptor[4:]
+    if len(descriptor) < 4:
+        raise CheckpointError(f"{path}: truncated zip archive (no data descriptor)")
     return offset
