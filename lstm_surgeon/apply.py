@@ -120,7 +120,7 @@ def apply_plan(
     """Write the plan's result where `destination` says (in-place edits need `open_for_edit`)."""
     target = checkpoint.path if destination.in_place else destination.output
     assert target is not None
-    target_format = _target_format(checkpoint, target)
+    target_format = _target_format(checkpoint, target, destination.in_place)
     if not destination.in_place:
         check_output_path(target, checkpoint.path, destination.force)
     backup = None
@@ -143,7 +143,10 @@ def apply_plan(
     )
 
 
-def _target_format(checkpoint: Checkpoint, target: Path) -> CheckpointFormat:
+def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> CheckpointFormat:
+    """An in-place edit keeps the file's format; a `-o` output's suffix may ask for another."""
+    if in_place:
+        return checkpoint.format
     return format_for_suffix(target) or checkpoint.format
 
 

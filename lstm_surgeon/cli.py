@@ -155,8 +155,7 @@ def _root(
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
-    if debug:
-        _debug["on"] = True
+    _debug["on"] = debug or os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")
 
 
 @app.command()

@@ -79,10 +79,10 @@ class Output:
             yield lambda done: bar.advance(task, done)
 
     def warn(self, message: str) -> None:
-        self.stderr.print(Text(f"warning: {message}", style="yellow"))
+        self.stderr.print(Text(f"warning: {clean(message)}", style="yellow"))
 
     def note(self, message: str) -> None:
-        self.stderr.print(Text(message, style="dim"))
+        self.stderr.print(Text(clean(message), style="dim"))
 
     def error(self, message: str) -> None:
-        self.stderr.print(Text(f"lstm-surgeon: error: {message}", style="red"))
+        self.stderr.print(Text(f"lstm-surgeon: error: {clean(message)}", style="red"))

@@ -153,7 +153,7 @@ def plan_view(plan: EditPlan) -> RenderableType:
                 "" if effect.after is None else f"{effect.after.min:+.3f} … {effect.after.max:+.3f}"
             )
             effects.add_row(
-                _cell_name(effect.layer, effect.cell_layer, effect.direction),
+                Text(_cell_name(effect.layer, effect.cell_layer, effect.direction)),
                 effect.gate,
                 _arrow(effect.before, effect.after) if effect.before else "n/a (b_hn * r)",
                 after,

@@ -126,7 +126,7 @@ def plan_zero_bias(
         )
     names = [check_gate_name(gate) for gate in gates]
     plan = EditPlan("zero-bias", checkpoint.path, drop_optimizer_state=drop_optimizer_state)
-    for layer, cells in _selected(checkpoint, selection, plan, *names):
+    for layer, cells in _selected(checkpoint, selection, plan, *names, need_all=False):
         if not layer.bias:
             plan.skipped.append(f"{layer.display_name}: has no bias tensors")
             continue
@@ -213,9 +213,14 @@ def _require_biases(layer: RecurrentLayer) -> None:
 
 
 def _selected(
-    checkpoint: Checkpoint, selection: Selection, plan: EditPlan, *gates: str
+    checkpoint: Checkpoint,
+    selection: Selection,
+    plan: EditPlan,
+    *gates: str,
+    need_all: bool = True,
 ) -> Iterable[tuple[RecurrentLayer, list[CellParams]]]:
-    """The selected layers that have every gate in `gates`, with their selected cells.
+    """The selected layers that have every gate in `gates` (any of them, without `need_all`), with
+    their selected cells.
 
     Layers skipped for lacking a gate or a sub-layer are recorded in the plan; selecting nothing
     at all is an error that lists what there is."""
@@ -226,6 +231,8 @@ def _selected(
     chosen: list[tuple[RecurrentLayer, list[CellParams]]] = []
     for layer in layers:
         missing = [gate for gate in gates if find_gate(layer.kind, gate) is None]
+        if not need_all and len(missing) < len(gates):
+            missing = []
         cells = selection.cells(layer)
         if missing:
             plan.skipped.append(f"{layer.display_name}: {layer.kind} has no {missing[0]} gate")
@@ -293,7 +300,13 @@ def _slice_edit(
     rows = gate.rows(layer.hidden_size)
     old_raw = checkpoint.raw(ref)[rows]
     opmath = compute_dtype(ref.dtype)
-    new_raw = _added(old_raw, values, ref) if add else round_to(values.astype(opmath), ref.dtype)
+    _require_finite(values)
+    with np.errstate(over="ignore"):
+        new_raw = (
+            _added(old_raw, values, ref) if add else round_to(values.astype(opmath), ref.dtype)
+        )
+    if not np.isfinite(widen(new_raw, ref.dtype)).all():
+        raise EditError(f"{ref.name}: the new values overflow {ref.dtype.name}")
     return SliceEdit(
         tensor=ref.name,
         layer=layer.name,
@@ -341,6 +354,11 @@ def _zero_columns(
             np.ascontiguousarray(old_raw).view(np.uint8), new_raw.view(np.uint8)
         ),
     )
+
+
+def _require_finite(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise EditError("the bias value must be a finite number")
 
 
 def _require_editable(ref: TensorRef) -> None:

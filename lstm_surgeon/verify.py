@@ -17,6 +17,7 @@ from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
 
 SEQUENCE_LENGTH, BATCH = 5, 2
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,13 @@ def state_dict_for(checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any) ->
 def _verify_layer(
     checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any, generator: Any
 ) -> LayerVerification:
-    module = build_module(layer, torch).to(getattr(torch, layer.dtype))
+    if layer.dtype not in FLOATING:
+        return _failed(layer, f"torch recurrent modules take floating weights, not {layer.dtype}")
     try:
+        module = build_module(layer, torch).to(getattr(torch, layer.dtype))
         module.load_state_dict(state_dict_for(checkpoint, layer, torch), strict=True)
-    except (RuntimeError, TypeError) as error:
-        first_line = str(error).strip().splitlines()
-        return LayerVerification(layer.name, layer.kind, False, False, " ".join(first_line[:3]))
+    except (RuntimeError, TypeError, ValueError) as error:
+        return _failed(layer, " ".join(str(error).strip().splitlines()[:3]))
     module = module.float()
     with torch.no_grad():
         output = _forward(module, layer, torch, generator)
@@ -148,6 +150,10 @@ def _verify_layer(
     openings = tuple(_openings(module, layer, torch))
     error = None if finite else "the forward pass produced NaN or Inf"
     return LayerVerification(layer.name, layer.kind, True, finite, error, openings)
+
+
+def _failed(layer: RecurrentLayer, error: str) -> LayerVerification:
+    return LayerVerification(layer.name, layer.kind, False, False, error)
 
 
 def _forward(module: Any, layer: RecurrentLayer, torch: Any, generator: Any) -> list[Any]:
