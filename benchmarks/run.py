@@ -411,7 +411,8 @@ def benchmark(args: argparse.Namespace) -> int:
         )
         measure_group("inspect", group, list(files.values()), args.repeat)
 
-        # 2. set-forget-bias -o vs cp (and cp + fsync, for context), on the 1 GB files.
+        # 2. set-forget-bias -o vs cp (and the durable variants, -o --fsync vs cp + sync, for
+        # context), on the 1 GB files.
         group = []
         for fmt in ("pt", "st"):
             source = files[("big", fmt)]
@@ -425,6 +426,14 @@ def benchmark(args: argparse.Namespace) -> int:
                         f"sfb-o-{fmt}",
                         f"set-forget-bias {source.name} -o",
                         fixed(SURGEON, "set-forget-bias", source, "-o", out),
+                        setup=unlink_and_sync(out),
+                    )
+                ),
+                add(
+                    Command(
+                        f"sfb-o-fsync-{fmt}",
+                        f"set-forget-bias {source.name} -o --fsync",
+                        fixed(SURGEON, "set-forget-bias", source, "-o", out, "--fsync"),
                         setup=unlink_and_sync(out),
                     )
                 ),
@@ -552,8 +561,9 @@ def report(
             }
         )
     context = {
-        "sfb -o / (cp + fsync), .pt": commands["sfb-o-pt"].wall / commands["cp-sync-pt"].wall,
-        "sfb -o / (cp + fsync), .safetensors": commands["sfb-o-st"].wall
+        "sfb -o --fsync / (cp + sync), .pt": commands["sfb-o-fsync-pt"].wall
+        / commands["cp-sync-pt"].wall,
+        "sfb -o --fsync / (cp + sync), .safetensors": commands["sfb-o-fsync-st"].wall
         / commands["cp-sync-st"].wall,
         "naive .pt: wall s": commands["naive-pt"].wall,
         "naive .pt: peak RSS MiB": commands["naive-pt"].peak,
@@ -564,8 +574,9 @@ def report(
     print(
         "\nNotes: nothing was dropped from the page cache; every input was read once before timing "
         "and each command ran once untimed first, so both sides run warm. `-o` outputs were deleted "
-        "and `sync` called before each run (outside the timed region). lstm-surgeon fsyncs its "
-        f"output; plain `cp` does not (see the cp + fsync context row). Peak RSS: {RSS_SOURCE}."
+        "and `sync` called before each run (outside the timed region). Like `cp`, a plain `-o` does "
+        "not fsync; `-o --fsync` is compared with `cp && sync` in the context rows. "
+        f"Peak RSS: {RSS_SOURCE}."
     )
     print(
         "Load average (1/5/15 min) before: "
