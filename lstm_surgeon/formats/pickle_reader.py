@@ -99,37 +99,45 @@ def _opaque_type(module: str, name: str) -> type[Opaque]:
     return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
 
 
-def _rebuild_tensor_v2(
+def _tensor_stub(
+    rebuilder: str,
     storage: Any,
-    storage_offset: int,
+    storage_offset: Any,
     size: Any,
     stride: Any,
-    requires_grad: bool = False,
-    backward_hooks: Any = None,
-    metadata: Any = None,
+    requires_grad: Any,
+    dtype: DType | None,
 ) -> TensorStub | Opaque:
-    if not isinstance(storage, StorageStub) or storage.dtype is None:
-        return _opaque_type("torch._utils", "_rebuild_tensor_v2")(storage)
+    """The record of a tensor view; the fields are checked later, when the tensor is named."""
+    if not isinstance(storage, StorageStub) or dtype is None:
+        return _opaque_type("torch._utils", rebuilder)(storage)
     return TensorStub(
-        storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype, bool(requires_grad)
+        storage, storage_offset, tuple(size), tuple(stride), dtype, bool(requires_grad)
+    )
+
+
+def _rebuild_tensor_v2(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
+) -> TensorStub | Opaque:
+    dtype = storage.dtype if isinstance(storage, StorageStub) else None
+    return _tensor_stub(
+        "_rebuild_tensor_v2", storage, storage_offset, size, stride, requires_grad, dtype
     )
 
 
 def _rebuild_tensor_v3(
     storage: Any,
-    storage_offset: int,
+    storage_offset: Any,
     size: Any,
     stride: Any,
-    requires_grad: bool = False,
+    requires_grad: Any = False,
     backward_hooks: Any = None,
     dtype: Any = None,
-    metadata: Any = None,
+    *_: Any,
 ) -> TensorStub | Opaque:
     element_type = _canonical_dtype(dtype) if isinstance(dtype, DTypeName) else None
-    if not isinstance(storage, StorageStub) or element_type is None:
-        return _opaque_type("torch._utils", "_rebuild_tensor_v3")(storage)
-    return TensorStub(
-        storage, int(storage_offset), tuple(size), tuple(stride), element_type, bool(requires_grad)
+    return _tensor_stub(
+        "_rebuild_tensor_v3", storage, storage_offset, size, stride, requires_grad, element_type
     )
 
 
