@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -195,6 +196,40 @@ class EditOptions:
     fsync: bool
 
 
+EDIT_OPTIONS: Any = None  # placeholder default: `_edit_options` passes the real EditOptions
+
+
+def _edit_options(function: F) -> F:
+    """Give an editing command the options every editing command shares (-o, --in-place, --force,
+    --dry-run, --yes, --json, --backup, --fsync), declared once here; it receives them as
+    `options: EditOptions`."""
+    shared = [
+        Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, kind, default in (
+            ("output", OutputOpt, None),
+            ("in_place", InPlaceOpt, False),
+            ("force", ForceOpt, False),
+            ("dry_run", DryRunOpt, False),
+            ("yes", YesOpt, False),
+            ("json", JsonOpt, False),
+            ("backup", BackupOpt, False),
+            ("fsync", FsyncOpt, False),
+        )
+    ]
+    own = signature(function, eval_str=True)
+    parameters = [p for p in own.parameters.values() if p.name != "options"] + shared
+    names = [parameter.name for parameter in shared]
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = EditOptions(*(kwargs.pop(name) for name in names))
+        return function(*args, **kwargs, options=options)
+
+    wrapper.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper  # type: ignore[return-value]
+
+
 def _selection(
     layer: list[str] | None, sublayer: list[int] | None = None, direction: Any = None
 ) -> Any:
@@ -256,6 +291,7 @@ def _confirmed(options: EditOptions, plan: Any) -> bool:
 
 @app.command("set-forget-bias")
 @_command
+@_edit_options
 def set_forget_bias(
     checkpoint: CheckpointArg,
     value: Annotated[float, typer.Option("--value", help="The forget-gate bias V.")] = 1.0,
@@ -270,14 +306,7 @@ def set_forget_bias(
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    output: OutputOpt = None,
-    in_place: InPlaceOpt = False,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    json: JsonOpt = False,
-    backup: BackupOpt = False,
-    fsync: FsyncOpt = False,
+    options: EditOptions = EDIT_OPTIONS,
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
@@ -293,13 +322,12 @@ def set_forget_bias(
         planner = lambda ck: plan_chrono(ck, chrono, seed, mode.value, selection)  # noqa: E731
     else:
         planner = lambda ck: plan_set_forget_bias(ck, value, mode.value, selection)  # noqa: E731
-    _edit(
-        checkpoint, planner, EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync)
-    )
+    _edit(checkpoint, planner, options)
 
 
 @app.command("set-gate-bias")
 @_command
+@_edit_options
 def set_gate_bias(
     checkpoint: CheckpointArg,
     gate: Annotated[
@@ -316,14 +344,7 @@ def set_gate_bias(
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    output: OutputOpt = None,
-    in_place: InPlaceOpt = False,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    json: JsonOpt = False,
-    backup: BackupOpt = False,
-    fsync: FsyncOpt = False,
+    options: EditOptions = EDIT_OPTIONS,
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
@@ -338,12 +359,13 @@ def set_gate_bias(
     _edit(
         checkpoint,
         lambda ck: plan_set_gate_bias(ck, gate, value, mode.value, selection),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
+        options,
     )
 
 
 @app.command("zero-bias")
 @_command
+@_edit_options
 def zero_bias(
     checkpoint: CheckpointArg,
     gate: Annotated[
@@ -357,14 +379,7 @@ def zero_bias(
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    output: OutputOpt = None,
-    in_place: InPlaceOpt = False,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    json: JsonOpt = False,
-    backup: BackupOpt = False,
-    fsync: FsyncOpt = False,
+    options: EditOptions = EDIT_OPTIONS,
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
@@ -379,24 +394,18 @@ def zero_bias(
     _edit(
         checkpoint,
         lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
+        options,
     )
 
 
 @app.command("add-bias")
 @_command
+@_edit_options
 def add_bias(
     checkpoint: CheckpointArg,
     drop_optimizer_state: DropOptimizerOpt = False,
     layer: LayerOpt = None,
-    output: OutputOpt = None,
-    in_place: InPlaceOpt = False,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    json: JsonOpt = False,
-    backup: BackupOpt = False,
-    fsync: FsyncOpt = False,
+    options: EditOptions = EDIT_OPTIONS,
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
@@ -411,12 +420,13 @@ def add_bias(
     _edit(
         checkpoint,
         lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
+        options,
     )
 
 
 @app.command("zero-input")
 @_command
+@_edit_options
 def zero_input(
     checkpoint: CheckpointArg,
     features: Annotated[
@@ -427,14 +437,7 @@ def zero_input(
     ],
     layer: LayerOpt = None,
     direction: DirectionOpt = None,
-    output: OutputOpt = None,
-    in_place: InPlaceOpt = False,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    json: JsonOpt = False,
-    backup: BackupOpt = False,
-    fsync: FsyncOpt = False,
+    options: EditOptions = EDIT_OPTIONS,
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
@@ -450,7 +453,7 @@ def zero_input(
     _edit(
         checkpoint,
         lambda ck: plan_zero_input(ck, indices, selection),
-        EditOptions(output, in_place, force, dry_run, yes, json, backup, fsync),
+        options,
     )
 
 
