@@ -207,9 +207,9 @@ def _patch_in_place(checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
     except OSError as error:
         raise OutputError(f"{path}: cannot open for editing: {error.strerror}") from None
     try:
-        write_journal(path, file, regions)
-        fault_point("after-journal")
         try:
+            write_journal(path, file, regions)
+            fault_point("after-journal")
             with mmap.mmap(file.fileno(), 0) as buffer:
                 patch_buffer(buffer, checkpoint, edits)
                 buffer.flush()

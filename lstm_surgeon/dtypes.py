@@ -103,11 +103,12 @@ _FLOAT8_TABLES = {
 
 def widen(raw: np.ndarray, dtype: DType) -> np.ndarray:
     """Exact float64 values of raw elements stored as `dtype` (bfloat16 and float8 included)."""
-    if dtype.name == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    if dtype.name in _FLOAT8_TABLES:
-        return _FLOAT8_TABLES[dtype.name][raw]
-    return raw.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN, without a warning
+        if dtype.name == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        if dtype.name in _FLOAT8_TABLES:
+            return _FLOAT8_TABLES[dtype.name][raw]
+        return raw.astype(np.float64)
 
 
 def compute_dtype(dtype: DType) -> np.dtype:

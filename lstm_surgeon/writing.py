@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from lstm_surgeon.errors import EditError, OutputError
+from lstm_surgeon.errors import CheckpointError, EditError, OutputError
 
 Progress = Callable[[int], None]  # called with the number of bytes just done
 JOURNAL_MAGIC = b"lstm-surgeon journal 1\n"
@@ -202,11 +202,15 @@ def write_journal(path: Path, file: BinaryIO, regions: list[tuple[int, int]]) ->
         body += os.pread(file.fileno(), length, offset)
     body += hashlib.sha256(body).digest()
     journal = journal_path(path)
-    with open(journal, "wb") as out:
-        out.write(body)
-        out.flush()
-        os.fsync(out.fileno())
-    fsync_folder(path.parent)
+    try:
+        with open(journal, "wb") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_folder(path.parent)
+    except BaseException:
+        journal.unlink(missing_ok=True)  # the file was not touched yet: nothing to roll back
+        raise
     return journal
 
 
@@ -258,8 +262,14 @@ def recover_interrupted_edit(path: Path) -> bool:
     """If an in-place edit of `path` was killed, roll the file back to the old checkpoint."""
     if not journal_path(path).exists():
         return False
-    with exclusive_lock(path) as file:
-        return roll_back(path, file)
+    try:
+        with exclusive_lock(path) as file:
+            return roll_back(path, file)
+    except OutputError:
+        raise CheckpointError(
+            f"{path}: an in-place edit of this file was interrupted; run lstm-surgeon once as a "
+            "user who can write the file (and its folder) to roll it back"
+        ) from None
 
 
 def copy_mode(source: Path) -> int:

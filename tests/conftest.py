@@ -192,3 +192,61 @@ def surgeon_command() -> list[str]:
         "lstm-surgeon", path=str(Path(sys.executable).parent)
     )
     return [found] if found else [sys.executable, "-m", "lstm_surgeon"]
+
+
+# --- Subprocess runs and clean failures (used by test_faults/test_fuzz/test_check) -----------
+
+SURGEON_TIMEOUT = 120  # seconds: a run that takes longer is a hang, and fails the test
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """os.environ for a subprocess run: no fault injection, no debug tracebacks, no progress bars,
+    plus `extra`."""
+    import os
+
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("LSTM_SURGEON_FAULT", "LSTM_SURGEON_DEBUG")
+    }
+    env.update(CI="1", NO_COLOR="1", COLUMNS="120")
+    env.update(extra)
+    return env
+
+
+def assert_clean_failure(stderr: str, exit_code: int, expected: int = 2) -> str:
+    """Exit `expected`, exactly one line on stderr, `lstm-surgeon: error: ...`, no traceback; the
+    line is returned."""
+    lines = stderr.strip().splitlines()
+    assert exit_code == expected, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("lstm-surgeon: error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def surgeon(surgeon_command: list[str]) -> Callable[..., Any]:
+    """`surgeon(*args, env=None, timeout=SURGEON_TIMEOUT, **popen_options)`: run the installed
+    command in a subprocess (stdin closed, text output, `clean_environment(**env)`) and return the
+    CompletedProcess; a hang fails the test instead of blocking the run."""
+    import subprocess
+
+    def run(
+        *args: Any,
+        env: Mapping[str, str] | None = None,
+        timeout: float = SURGEON_TIMEOUT,
+        **options: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*surgeon_command, *(str(arg) for arg in args)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=clean_environment(**(env or {})),
+            timeout=timeout,
+            check=False,
+            **options,
+        )
+
+    return run

@@ -174,6 +174,7 @@ _UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStor
 
 _TENSOR_REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
 _EXTENSION_OPCODES = frozenset({"EXT1", "EXT2", "EXT4"})
+_MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 
 
 class _Global:
@@ -224,17 +225,19 @@ class SafeUnpickler(pickle.Unpickler):
 
 def load_safely(data: bytes) -> Any:
     """The object tree of a pickle, with stubs in place of tensors, storages and foreign objects."""
-    _refuse_extension_codes(data)
+    _prescan(data)
     return SafeUnpickler(io.BytesIO(data)).load()
 
 
-def _refuse_extension_codes(data: bytes) -> None:
-    """EXT opcodes resolve through `copyreg`'s process-wide cache *before* `find_class`, so they could
-    reach a real global another unpickle cached. torch.save never writes them: refuse them."""
-    if not any(code in data for code in (b"\x82", b"\x83", b"\x84")):
-        return
-    for opcode, _, _ in pickletools.genops(data):
+def _prescan(data: bytes) -> None:
+    """Refuse, before the C unpickler sees them, opcodes a torch.save pickle never holds and that
+    could harm: EXT codes resolve through `copyreg`'s process-wide cache *before* `find_class`;
+    a memo index far beyond the pickle's size makes the unpickler allocate a memo that large; a
+    length beyond the data left is truncation. (`pickletools.genops` reads, it never builds.)"""
+    for opcode, argument, _ in pickletools.genops(data):
         if opcode.name in _EXTENSION_OPCODES:
             raise pickle.UnpicklingError(
-                f"the pickle uses the {opcode.name} opcode (never written by torch.save)"
+                f"the pickle uses {opcode.name} (never written by torch.save)"
             )
+        if opcode.name in _MEMO_OPCODES and int(argument) > len(data):
+            raise pickle.UnpicklingError(f"{opcode.name} memo index {argument} is out of range")

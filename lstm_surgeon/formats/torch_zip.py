@@ -123,6 +123,7 @@ def _check_byteorder(
     record = records.get(f"{prefix}byteorder")
     if record is None:
         return
+    require_stored(path, record)
     order = bytes(buffer[record.data_offset : record.data_offset + record.size])
     if order != b"little":
         raise UnsupportedCheckpointError(f"{path}: big-endian checkpoints are not supported")
@@ -142,6 +143,7 @@ def _unpickle(path: Path, data: bytes) -> Any:
         MemoryError,
         RecursionError,
         UnicodeDecodeError,
+        OverflowError,
     ) as error:
         raise CheckpointError(
             f"{path}: corrupt data.pkl ({type(error).__name__}: {error})"

@@ -118,6 +118,21 @@ def _find_central_directory(path: Path, buffer: mmap.mmap | bytes) -> tuple[int,
     return directory_offset, count
 
 
+@dataclass(frozen=True)
+class _CentralEntry:
+    """What the central directory says of a record (to check its local header against)."""
+
+    raw_name: bytes
+    flags: int
+    method: int
+    crc: int
+    compressed: int
+
+    @property
+    def name(self) -> str:
+        return self.raw_name.decode("utf-8", "replace")
+
+
 def _read_central_entry(
     path: Path, buffer: mmap.mmap | bytes, read_at: ReadAt, position: int
 ) -> tuple[ZipRecord, int]:
@@ -127,11 +142,13 @@ def _read_central_entry(
         path, "<HH4xIIIHHH", buffer, position + 8
     )
     (local_offset,) = _unpack(path, "<I", buffer, position + 42)
-    name = bytes(buffer[position + 46 : position + 46 + name_len]).decode("utf-8", "replace")
+    raw_name = bytes(buffer[position + 46 : position + 46 + name_len])
+    name = raw_name.decode("utf-8", "replace")
     extra = bytes(buffer[position + 46 + name_len : position + 46 + name_len + extra_len])
+    central = _CentralEntry(raw_name, flags, method, crc, compressed)
     size, compressed, local_offset = _apply_zip64(extra, size, compressed, local_offset)
     stored = method == STORED and compressed == size
-    data_offset, local_crc_offset = _local_data_offset(path, read_at, local_offset, name)
+    data_offset, local_crc_offset = _local_data_offset(path, read_at, local_offset, central)
     if data_offset + compressed > len(buffer):
         raise CheckpointError(f"{path}: truncated zip archive (record {name!r} runs past the end)")
     crc_offsets = [position + 16]
@@ -161,12 +178,42 @@ def _apply_zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple
     return size, compressed, offset
 
 
-def _local_data_offset(path: Path, read_at: ReadAt, offset: int, name: str) -> tuple[int, int]:
+def _local_data_offset(
+    path: Path, read_at: ReadAt, offset: int, central: _CentralEntry
+) -> tuple[int, int]:
+    """Where the record's data starts (and where the local header keeps its CRC), after checking
+    that the local header agrees with the central directory: a flipped bit in either would
+    otherwise shift the record silently."""
     header = read_at(offset, 30)
     if len(header) < 30 or header[:4] != LOCAL_HEADER:
-        raise CheckpointError(f"{path}: corrupt zip archive (no local header for {name!r})")
-    name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        raise CheckpointError(f"{path}: corrupt zip archive (no local header for {central.name!r})")
+    method, crc, compressed, name_len, extra_len = struct.unpack_from("<8xH4xII4xHH", header)
+    name = read_at(offset + 30, name_len)
+    extra = read_at(offset + 30 + name_len, extra_len)
+    sizes_agree = central.flags & FLAG_DATA_DESCRIPTOR or (
+        crc == central.crc and compressed in (central.compressed, 0xFFFFFFFF)
+    )
+    if (
+        name != central.raw_name
+        or method != central.method
+        or len(extra) != extra_len
+        or not _extra_fields_fill(extra)
+        or not sizes_agree
+    ):
+        raise CheckpointError(
+            f"{path}: corrupt zip archive (the local header of {central.name!r} disagrees with "
+            "the central directory)"
+        )
     return offset + 30 + name_len + extra_len, offset + 14
+
+
+def _extra_fields_fill(extra: bytes) -> bool:
+    """True when the extra field is a run of (id, length, data) records that fills it exactly."""
+    position = 0
+    while position + 4 <= len(extra):
+        (length,) = struct.unpack_from("<H", extra, position + 2)
+        position += 4 + length
+    return position == len(extra)
 
 
 def _descriptor_crc_offset(path: Path, read_at: ReadAt, offset: int) -> int:
