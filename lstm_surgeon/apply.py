@@ -9,10 +9,9 @@ its format module. Every write is atomic.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from lstm_surgeon.errors import EditError, OutputError
 from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint
 from lstm_surgeon.plan import EditPlan, SliceEdit
 from lstm_surgeon.writing import (
+    BytePatch,
     Progress,
     atomic_output,
     backup_copy,
@@ -34,6 +34,7 @@ from lstm_surgeon.writing import (
     finish_journal,
     roll_back,
     write_journal,
+    write_patches,
 )
 
 
@@ -62,7 +63,7 @@ class WriteResult:
     format: str
     in_place: bool
     written: bool
-    method: str  # "patch", "rewrite" or "none"
+    method: str  # "patch", "copy" (-o with nothing to change), "rewrite" or "none" (in place)
     backup: str | None
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,14 +128,15 @@ def apply_plan(
     if destination.in_place and destination.backup and plan.changes_anything:
         backup = str(backup_copy(checkpoint.path, destination.force))
     same_structure = not plan.changes_structure and target_format is checkpoint.format
-    if destination.in_place and not plan.changes_anything:
+    patches = byte_patches(checkpoint, plan.edits) if same_structure else []
+    if destination.in_place and not patches and same_structure:
         method = "none"
     elif same_structure and destination.in_place:
-        _patch_in_place(checkpoint, plan.edits)
+        _patch_in_place(checkpoint, patches)
         method = "patch"
     elif same_structure:
-        _copy_and_patch(checkpoint, plan.edits, target, destination.durable, progress)
-        method = "patch"
+        _copy_and_patch(checkpoint, patches, target, destination.durable, progress)
+        method = "patch" if patches else "copy"
     else:
         _rewrite(checkpoint, plan, target, target_format, destination.durable)
         method = "rewrite"
@@ -150,19 +152,8 @@ def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> Chec
     return format_for_suffix(target) or checkpoint.format
 
 
-def _touched_storages(checkpoint: Checkpoint, edits: list[SliceEdit]) -> set[str]:
-    return {checkpoint.tensors[edit.tensor].storage.key for edit in edits}
-
-
-def write_edits(
-    buffer: mmap.mmap | bytearray, checkpoint: Checkpoint, edits: list[SliceEdit]
-) -> None:
-    """Write each edit's new elements into `buffer`, a writable copy of the checkpoint's bytes."""
-    for edit in edits:
-        assign(tensor_view(buffer, checkpoint.tensors[edit.tensor]), edit)
-
-
 def assign(array: np.ndarray, edit: SliceEdit) -> None:
+    """Write an edit's new elements into `array`, the edited tensor (or a copy of it)."""
     start, stop = edit.rows
     if edit.columns is None:
         array[start:stop] = edit.new_raw
@@ -170,17 +161,39 @@ def assign(array: np.ndarray, edit: SliceEdit) -> None:
         array[start:stop, list(edit.columns)] = edit.new_raw
 
 
-def patch_buffer(buffer: mmap.mmap, checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
-    """Write the edits' slices into a writable map of (a copy of) the checkpoint, then refresh the
-    checksums of the storages they touched."""
-    write_edits(buffer, checkpoint, edits)
-    fault_point("mid-patch")
-    checkpoint.format.refresh_checksums(checkpoint, buffer, _touched_storages(checkpoint, edits))
+def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePatch]:
+    """The bytes a same-structure edit writes, as (offset, old, new): each touched storage is
+    edited in memory, trimmed to the bytes that change, plus the checksums the format keeps."""
+    edits_by_storage: dict[str, list[SliceEdit]] = {}
+    for edit in edits:
+        key = checkpoint.tensors[edit.tensor].storage.key
+        edits_by_storage.setdefault(key, []).append(edit)
+    patches, new_storages = [], {}
+    for key, storage_edits in edits_by_storage.items():
+        storage = checkpoint.tensors[storage_edits[0].tensor].storage
+        old = bytes(checkpoint.buffer[storage.offset : storage.offset + storage.nbytes])
+        new = bytearray(old)
+        for edit in storage_edits:
+            ref = checkpoint.tensors[edit.tensor]
+            assign(tensor_view(new, replace(ref, storage=replace(storage, offset=0))), edit)
+        changed = _changed_span(storage.offset, old, bytes(new))
+        if changed:
+            patches += changed
+            new_storages[key] = bytes(new)
+    return patches + checkpoint.format.checksum_patches(checkpoint, new_storages)
+
+
+def _changed_span(offset: int, old: bytes, new: bytes) -> list[BytePatch]:
+    differs = np.flatnonzero(np.frombuffer(old, np.uint8) != np.frombuffer(new, np.uint8))
+    if differs.size == 0:
+        return []
+    first, last = int(differs[0]), int(differs[-1]) + 1
+    return [BytePatch(offset + first, old[first:last], new[first:last])]
 
 
 def _copy_and_patch(
     checkpoint: Checkpoint,
-    edits: list[SliceEdit],
+    patches: list[BytePatch],
     target: Path,
     durable: bool,
     progress: Progress | None,
@@ -190,29 +203,24 @@ def _copy_and_patch(
         atomic_output(target, _mode(checkpoint), durable) as out,
     ):
         copy_file(source, out, checkpoint.size, progress)
-        if edits:
-            with mmap.mmap(out.fileno(), checkpoint.size) as buffer:
-                patch_buffer(buffer, checkpoint, edits)
+        write_patches(out, patches)
 
 
-def _patch_in_place(checkpoint: Checkpoint, edits: list[SliceEdit]) -> None:
-    """Journal the old bytes, patch, make it durable, drop the journal; roll back on any failure."""
+def _patch_in_place(checkpoint: Checkpoint, patches: list[BytePatch]) -> None:
+    """Journal the old and new bytes, patch, make it durable, drop the journal; roll back on any
+    failure (Ctrl-C included)."""
     path = checkpoint.path
-    keys = _touched_storages(checkpoint, edits)
-    storages = {ref.storage.key: ref.storage for ref in checkpoint.tensors.values()}
-    regions = [(storages[key].offset, storages[key].nbytes) for key in sorted(keys)]
-    regions += checkpoint.format.checksum_regions(checkpoint, keys)
     try:
         file = open(path, "r+b")  # noqa: SIM115 - closed in the finally below
     except OSError as error:
         raise OutputError(f"{path}: cannot open for editing: {error.strerror}") from None
     try:
         try:
-            write_journal(path, file, regions)
+            write_journal(path, file, patches)
             fault_point("after-journal")
-            with mmap.mmap(file.fileno(), 0) as buffer:
-                patch_buffer(buffer, checkpoint, edits)
-                buffer.flush()
+            write_patches(file, patches[:1])
+            fault_point("mid-patch")
+            write_patches(file, patches[1:])
             os.fsync(file.fileno())
             fault_point("before-journal-removal")
         except BaseException:

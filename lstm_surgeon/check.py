@@ -15,7 +15,6 @@ from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats import open_checkpoint
-from lstm_surgeon.formats.zip_records import crc32_of
 from lstm_surgeon.writing import Progress
 
 
@@ -58,15 +57,8 @@ def check_checkpoint(path: Path, progress: Progress | None = None) -> CheckRepor
 
 
 def _check_records(checkpoint: Checkpoint, report: CheckReport, progress: Progress | None) -> None:
-    records = getattr(checkpoint.details, "records", None)
-    if records is None:
-        return
-    for record in records.values():
-        if crc32_of(checkpoint.buffer, record.data_offset, record.size) != record.crc:
-            report.problems.append(f"zip record {record.name}: CRC-32 mismatch (corrupt data)")
-        report.records_checked += 1
-        if progress is not None:
-            progress(record.size)
+    report.records_checked, problems = checkpoint.format.checksum_problems(checkpoint, progress)
+    report.problems += problems
 
 
 def _check_recurrent_values(checkpoint: Checkpoint, report: CheckReport) -> None:

@@ -23,13 +23,14 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from lstm_surgeon.errors import CheckpointError, EditError, OutputError
 
 Progress = Callable[[int], None]  # called with the number of bytes just done
-JOURNAL_MAGIC = b"lstm-surgeon journal 1\n"
+JOURNAL_MAGIC = b"lstm-surgeon journal 2\n"
 LOCK_WAIT_SECONDS = 60.0
 COPY_CHUNK = 1 << 26
 
@@ -192,14 +193,28 @@ def _still_same_file(file: BinaryIO, path: Path) -> bool:
 # --- The journal of an in-place patch ---------------------------------------------------------
 
 
-def write_journal(path: Path, file: BinaryIO, regions: list[tuple[int, int]]) -> Path:
-    """Save the current bytes of `regions` (offset, length) of `file` next to `path`, durably."""
-    size = os.fstat(file.fileno()).st_size
+@dataclass(frozen=True)
+class BytePatch:
+    """Bytes to write at an offset of the file, with the bytes they replace."""
+
+    offset: int
+    old: bytes
+    new: bytes
+
+
+def write_patches(file: BinaryIO, patches: list[BytePatch]) -> None:
+    for patch in patches:
+        os.pwrite(file.fileno(), patch.new, patch.offset)
+
+
+def write_journal(path: Path, file: BinaryIO, patches: list[BytePatch]) -> Path:
+    """Save, durably and next to `path`, which file is being patched and the old and new bytes of
+    every patch: enough to roll the file back, and to tell whether the journal still fits it."""
+    info = os.fstat(file.fileno())
     body = bytearray(JOURNAL_MAGIC)
-    body += struct.pack("<QI", size, len(regions))
-    for offset, length in regions:
-        body += struct.pack("<QQ", offset, length)
-        body += os.pread(file.fileno(), length, offset)
+    body += struct.pack("<QQQI", info.st_dev, info.st_ino, info.st_size, len(patches))
+    for patch in patches:
+        body += struct.pack("<QQ", patch.offset, len(patch.old)) + patch.old + patch.new
     body += hashlib.sha256(body).digest()
     journal = journal_path(path)
     try:
@@ -223,39 +238,60 @@ def finish_journal(path: Path) -> None:
 def roll_back(path: Path, file: BinaryIO) -> bool:
     """Undo an interrupted patch of `file` using its journal; True if something was rolled back.
 
-    A journal that is incomplete (the run died while writing it) means the file was not touched yet,
-    so it is simply removed. The caller holds the exclusive lock."""
+    An incomplete journal (the run died while writing it) means the file was not touched yet: it
+    is removed. A complete one is applied only if it fits the file: same file (device, inode,
+    size) and every patched region still holding its old or its new bytes; otherwise the file has
+    changed since, and nothing is written. The caller holds the exclusive lock."""
     journal = journal_path(path)
     try:
         body = journal.read_bytes()
     except FileNotFoundError:
         return False
-    regions = _parse_journal(body)
-    if regions is not None:
-        size, saved = regions
-        for offset, data in saved:
-            os.pwrite(file.fileno(), data, offset)
-        os.ftruncate(file.fileno(), size)
-        os.fsync(file.fileno())
+    parsed = _parse_journal(body)
+    if parsed is None:
+        finish_journal(path)
+        return False
+    identity, patches = parsed
+    if not _journal_fits(file, identity, patches):
+        raise CheckpointError(
+            f"{path}: the journal {journal.name} of an interrupted in-place edit does not match "
+            "this file (it changed since); nothing was rolled back. If `lstm-surgeon check` finds "
+            "the file sound, delete the journal"
+        )
+    for patch in patches:
+        os.pwrite(file.fileno(), patch.old, patch.offset)
+    os.fsync(file.fileno())
     finish_journal(path)
-    return regions is not None
+    return True
 
 
-def _parse_journal(body: bytes) -> tuple[int, list[tuple[int, bytes]]] | None:
-    if len(body) < len(JOURNAL_MAGIC) + 12 + 32 or not body.startswith(JOURNAL_MAGIC):
+def _journal_fits(file: BinaryIO, identity: tuple[int, int, int], patches: list[BytePatch]) -> bool:
+    info = os.fstat(file.fileno())
+    if (info.st_dev, info.st_ino, info.st_size) != identity:
+        return False
+    for patch in patches:
+        current = os.pread(file.fileno(), len(patch.old), patch.offset)
+        if current not in (patch.old, patch.new):
+            return False
+    return True
+
+
+def _parse_journal(body: bytes) -> tuple[tuple[int, int, int], list[BytePatch]] | None:
+    header = len(JOURNAL_MAGIC) + 28
+    if len(body) < header + 32 or not body.startswith(JOURNAL_MAGIC):
         return None
     if hashlib.sha256(body[:-32]).digest() != body[-32:]:
         return None
-    position = len(JOURNAL_MAGIC)
-    size, count = struct.unpack_from("<QI", body, position)
-    position += 12
-    saved = []
+    device, inode, size, count = struct.unpack_from("<QQQI", body, len(JOURNAL_MAGIC))
+    position, patches = header, []
     for _ in range(count):
         offset, length = struct.unpack_from("<QQ", body, position)
         position += 16
-        saved.append((offset, body[position : position + length]))
-        position += length
-    return size, saved
+        old = body[position : position + length]
+        new = body[position + length : position + 2 * length]
+        patches.append(BytePatch(offset, old, new))
+        position += 2 * length
+    return (device, inode, size), patches
 
 
 def recover_interrupted_edit(path: Path) -> bool:
@@ -272,14 +308,10 @@ def recover_interrupted_edit(path: Path) -> bool:
         ) from None
 
 
-def copy_mode(source: Path) -> int:
-    return source.stat().st_mode
-
-
 def backup_copy(path: Path, force: bool) -> Path:
     """Copy `path` to `path.bak` atomically (refusing to overwrite an old backup without force)."""
     backup = path.with_name(path.name + ".bak")
     check_output_path(backup, path, force)
-    with open(path, "rb") as source, atomic_output(backup, copy_mode(path)) as out:
+    with open(path, "rb") as source, atomic_output(backup, path.stat().st_mode) as out:
         copy_file(source, out, os.fstat(source.fileno()).st_size)
     return backup

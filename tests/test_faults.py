@@ -737,3 +737,22 @@ def test_output_runs_never_modify_the_input(run_cli, fixture_copy, tmp_path, fil
         assert sha256(source) == before, name
         assert source.stat().st_mtime_ns == info.st_mtime_ns, name
     assert debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("replace_with", ["compiled.safetensors", "zoo.pt"])
+def test_a_journal_that_no_longer_fits_the_file_is_never_applied(
+    surgeon, fixture_copy, fixtures_dir, tmp_path, replace_with
+):
+    """Killed after journaling, then the file is replaced (or re-saved in place): the journal must
+    not be 'rolled back' into the new file, which would corrupt it."""
+    target = fixture_copy("zoo.safetensors")
+    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "after-journal"})
+    assert result.returncode == -signal.SIGKILL
+    replacement = (fixtures_dir / replace_with).read_bytes()
+    with open(target, "r+b") as file:  # same inode, new content: as torch.save over the path
+        file.truncate(0)
+        file.write(replacement)
+    result = surgeon("inspect", target)
+    line = assert_clean_failure(result.stderr, result.returncode)
+    assert "journal" in line and "does not match" in line
+    assert target.read_bytes() == replacement

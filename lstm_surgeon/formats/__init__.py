@@ -15,6 +15,7 @@ from lstm_surgeon.errors import CheckpointError
 
 if TYPE_CHECKING:
     from lstm_surgeon.checkpoint import Checkpoint, OutputTensor
+    from lstm_surgeon.writing import BytePatch, Progress
 
 
 class CheckpointFormat(Protocol):
@@ -29,11 +30,16 @@ class CheckpointFormat(Protocol):
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
         """Parse and validate the file's structure; read no tensor data beyond what that needs."""
 
-    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
-        """The (offset, length) of every checksum that patching storages `keys` will rewrite."""
+    def checksum_patches(
+        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+    ) -> list[BytePatch]:
+        """The checksum bytes to rewrite when storages (by key) get these new bytes."""
 
-    def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
-        """After storages `keys` were patched in `buffer`, update any checksum the format keeps."""
+    def checksum_problems(
+        self, checkpoint: Checkpoint, progress: Progress | None
+    ) -> tuple[int, list[str]]:
+        """How many records carry a checksum, and each one that does not match the bytes it covers
+        (this reads the whole file)."""
 
     def write(
         self,

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
 from lstm_surgeon.dtypes import BY_SAFETENSORS_CODE
 from lstm_surgeon.errors import CheckpointError
+from lstm_surgeon.writing import BytePatch, Progress
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 METADATA_KEY = "__metadata__"
@@ -46,11 +47,15 @@ class SafetensorsFormat:
             top_level_keys=tuple(tensors),
         )
 
-    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
-        return []
+    def checksum_patches(
+        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+    ) -> list[BytePatch]:
+        return []  # safetensors keeps no checksums
 
-    def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
-        """safetensors keeps no checksums."""
+    def checksum_problems(
+        self, checkpoint: Checkpoint, progress: Progress | None
+    ) -> tuple[int, list[str]]:
+        return 0, []
 
     def write(
         self,

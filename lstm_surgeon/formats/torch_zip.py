@@ -12,6 +12,8 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import struct
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, Tensor
 from lstm_surgeon.dtypes import DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
 from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
-from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored, write_crc
+from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored
+from lstm_surgeon.writing import BytePatch, Progress
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
 MAX_DEPTH = 200
@@ -78,14 +81,32 @@ class TorchZipFormat:
             top_level_keys=top_keys,
         )
 
-    def checksum_regions(self, checkpoint: Checkpoint, keys: set[str]) -> list[tuple[int, int]]:
-        details: ZipDetails = checkpoint.details
-        return [(offset, 4) for key in sorted(keys) for offset in details.records[key].crc_offsets]
+    def checksum_patches(
+        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+    ) -> list[BytePatch]:
+        """The new CRC-32 of each patched record, everywhere the zip stores it."""
+        records = checkpoint.details.records
+        patches = []
+        for key, data in storages.items():
+            crc = struct.pack("<I", zlib.crc32(data))
+            for offset in records[key].crc_offsets:
+                patches.append(
+                    BytePatch(offset, bytes(checkpoint.buffer[offset : offset + 4]), crc)
+                )
+        return patches
 
-    def refresh_checksums(self, checkpoint: Checkpoint, buffer: mmap.mmap, keys: set[str]) -> None:
-        details: ZipDetails = checkpoint.details
-        for key in keys:
-            write_crc(buffer, details.records[key])
+    def checksum_problems(
+        self, checkpoint: Checkpoint, progress: Progress | None
+    ) -> tuple[int, list[str]]:
+        problems = []
+        for record in checkpoint.details.records.values():
+            if not record.stored:
+                problems.append(f"zip record {record.name}: compressed, so not checked")
+            elif not record.check_crc(checkpoint.buffer):
+                problems.append(f"zip record {record.name}: CRC-32 mismatch (corrupt data)")
+            if progress is not None:
+                progress(record.size)
+        return len(checkpoint.details.records), problems
 
     def write(
         self,

@@ -55,14 +55,6 @@ def crc32_of(buffer: mmap.mmap | bytes, offset: int, size: int, chunk: int = 1 <
     return crc
 
 
-def write_crc(buffer: mmap.mmap, record: ZipRecord) -> int:
-    """Recompute a patched record's CRC-32 and store it everywhere the archive keeps it."""
-    crc = crc32_of(buffer, record.data_offset, record.size)
-    for offset in record.crc_offsets:
-        struct.pack_into("<I", buffer, offset, crc)
-    return crc
-
-
 def require_stored(path: Path, record: ZipRecord) -> ZipRecord:
     """The record, if its bytes lie uncompressed in the file (as torch.save writes them)."""
     if not record.stored:
