@@ -53,11 +53,11 @@ class TensorRef:
     @property
     def element_strides(self) -> tuple[int, ...]:
         """Strides in elements, computed for contiguous tensors."""
-        return self.strides if self.strides is not None else _contiguous_strides(self.shape)
+        return self.strides if self.strides is not None else contiguous_strides(self.shape)
 
     @property
     def is_contiguous(self) -> bool:
-        return self.strides is None or _contiguous_strides(self.shape) == self.strides
+        return self.strides is None or contiguous_strides(self.shape) == self.strides
 
     def extent_elements(self) -> int:
         """One past the last storage element this tensor touches (0 for an empty tensor)."""
@@ -70,7 +70,7 @@ class TensorRef:
         return self.element_offset + last + 1
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)

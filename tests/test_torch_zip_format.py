@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -433,3 +435,28 @@ def test_directory_and_missing_path_are_refused(tmp_path):
         with pytest.raises(CheckpointError) as error:
             open_checkpoint(target)
         assert_one_line_error(error, target)
+
+
+def test_shared_containers_are_walked_once(fixtures_dir, tmp_path):
+    """A 400-byte pickle of lists that each hold the previous one twice (via the memo) names 2**59
+    paths; the reader must visit each object once instead of hanging."""
+    ops = b"\x80\x02]q\x00"
+    for level in range(1, 60):
+        previous = (level - 1).to_bytes(4, "little")
+        ops += b"]r" + level.to_bytes(4, "little") + b"(j" + previous + b"j" + previous + b"e"
+    ops += b"."
+    source = zipfile.ZipFile(fixtures_dir / "nobias.pt")
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_STORED) as archive:
+        for info in source.infolist():
+            is_pickle = info.filename.endswith("data.pkl")
+            archive.writestr(info.filename, ops if is_pickle else source.read(info))
+    code = (
+        "import sys; from lstm_surgeon import open_checkpoint; "
+        "print(len(open_checkpoint(sys.argv[1]).tensors))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
+from lstm_surgeon.checkpoint import (
+    Checkpoint,
+    OutputTensor,
+    StorageRef,
+    TensorRef,
+    contiguous_strides,
+)
 from lstm_surgeon.dtypes import DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
 from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
@@ -171,10 +177,17 @@ def _unpickle(path: Path, data: bytes) -> Any:
         ) from None
 
 
-def _walk(node: Any, location: Location, depth: int = 0) -> Iterator[tuple[Location, Any]]:
-    """Every (location, value) below `node`, depth first, in container order."""
+def _walk(
+    node: Any, location: Location, visited: set[int], depth: int = 0
+) -> Iterator[tuple[Location, Any]]:
+    """Every (location, value) below `node`, depth first, in container order; an object reached
+    twice (the pickle memo can share containers) is visited once, so a tiny file cannot make the
+    walk exponential."""
     if depth > MAX_DEPTH:
         raise RecursionError("nested too deeply")
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     yield location, node
     if isinstance(node, dict):
         children = list(node.items())
@@ -188,7 +201,7 @@ def _walk(node: Any, location: Location, depth: int = 0) -> Iterator[tuple[Locat
         return
     for key, value in children:
         if isinstance(value, (dict, list, tuple, Opaque, TensorStub)):
-            yield from _walk(value, (*location, key), depth + 1)
+            yield from _walk(value, (*location, key), visited, depth + 1)
 
 
 def _dotted(location: Location) -> str:
@@ -201,14 +214,12 @@ def _collect_tensors(
     tensors: dict[str, TensorRef] = {}
     locations: dict[str, Location] = {}
     foreign: list[str] = []
-    seen: set[int] = set()
     try:
-        for location, node in _walk(root, ()):
+        for location, node in _walk(root, (), set()):
             if isinstance(node, Opaque):
                 foreign.append(node.qualname)
-            if not isinstance(node, TensorStub) or id(node) in seen:
+            if not isinstance(node, TensorStub):
                 continue
-            seen.add(id(node))
             name = _dotted(location)
             if name in tensors:
                 raise CheckpointError(f"{path}: two tensors are both named {name!r} (ambiguous)")
@@ -230,7 +241,7 @@ def _tensor_ref(
     if record is None:
         raise CheckpointError(f"{path}: tensor {name!r} refers to a missing storage record")
     require_stored(path, record)
-    contiguous = _contiguous(stub.shape) == stub.stride
+    contiguous = contiguous_strides(stub.shape) == stub.stride
     ref = TensorRef(
         name=name,
         dtype=stub.dtype,
@@ -266,14 +277,6 @@ def _well_formed(stub: TensorStub) -> bool:
         and len(stub.shape) == len(stub.stride)
         and all(_is_int(value) for value in (*stub.shape, *stub.stride, stub.storage_offset))
     )
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
 
 
 # --- Writing a new structure (torch needed) ---------------------------------------------------
