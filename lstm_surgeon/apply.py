@@ -244,16 +244,12 @@ def _rewrite(
     target_format: CheckpointFormat,
     durable: bool,
 ) -> None:
-    drop_keys = _optimizer_keys(checkpoint) if plan.drop_optimizer_state else frozenset()
+    drop_keys = checkpoint.optimizer_keys() if plan.drop_optimizer_state else frozenset()
     tensors = output_tensors(checkpoint, plan, drop_keys)
     if target_format.name == "safetensors" and checkpoint.format_name != "safetensors":
         _require_plain_state_dict(checkpoint, drop_keys)
     with atomic_output(target, _mode(checkpoint), durable) as out:
         target_format.write(out, tensors, checkpoint, drop_keys)
-
-
-def _optimizer_keys(checkpoint: Checkpoint) -> frozenset[str]:
-    return frozenset(key for key in checkpoint.top_level_keys if "optimizer" in key)
 
 
 def _require_plain_state_dict(checkpoint: Checkpoint, drop_keys: frozenset[str]) -> None:

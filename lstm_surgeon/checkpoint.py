@@ -7,6 +7,7 @@ records; everything else (discovery, statistics, edits, diff) only sees these re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from collections.abc import Iterator
@@ -101,7 +102,14 @@ class Checkpoint:
     @property
     def has_optimizer_state(self) -> bool:
         """True when the file carries optimizer moments (keyed by parameter index, not by name)."""
-        return any("optimizer" in key for key in self.top_level_keys)
+        return bool(self.optimizer_keys())
+
+    def optimizer_keys(self) -> frozenset[str]:
+        """Top-level entries that hold optimizer state (`optimizer_state_dict`, Lightning's
+        `optimizer_states`, `optim`, ...); a tensor at the top level is never one."""
+        return frozenset(
+            key for key in self.top_level_keys if "optim" in key and key not in self.tensors
+        )
 
     def raw(self, ref: TensorRef | str) -> np.ndarray:
         """The tensor's elements as stored (bfloat16 as uint16), a read-only view of the file."""
@@ -121,8 +129,10 @@ class Checkpoint:
         yield from sorted(seen.values(), key=lambda storage: storage.offset)
 
     def close(self) -> None:
+        """Unmap the file; views returned by `raw()` keep it mapped until they are released."""
         if isinstance(self.buffer, mmap.mmap):
-            self.buffer.close()
+            with contextlib.suppress(BufferError):
+                self.buffer.close()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lstm_surgeon import __version__
-from lstm_surgeon.errors import Interrupted, SurgeonError
+from lstm_surgeon.errors import EditError, Interrupted, SurgeonError
 
 app = typer.Typer(
     name="lstm-surgeon",
@@ -276,6 +276,7 @@ def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions)
         }
     )
     if destination is not None and result is None:
+        out.note("nothing written")
         raise typer.Exit(1)
 
 
@@ -294,7 +295,9 @@ def _confirmed(options: EditOptions, plan: Any) -> bool:
 @_edit_options
 def set_forget_bias(
     checkpoint: CheckpointArg,
-    value: Annotated[float, typer.Option("--value", help="The forget-gate bias V.")] = 1.0,
+    value: Annotated[
+        float | None, typer.Option("--value", help="The forget-gate bias V [default: 1].")
+    ] = None,
     chrono: Annotated[
         float | None,
         typer.Option(
@@ -318,10 +321,15 @@ def set_forget_bias(
     from lstm_surgeon.surgery import plan_chrono, plan_set_forget_bias
 
     selection = _selection(layer, sublayer, direction)
+    if chrono is not None and value is not None:
+        raise EditError("give either --value or --chrono, not both")
+    if chrono is None and seed is not None:
+        raise EditError("--seed goes with --chrono")
     if chrono is not None:
         planner = lambda ck: plan_chrono(ck, chrono, seed, mode.value, selection)  # noqa: E731
     else:
-        planner = lambda ck: plan_set_forget_bias(ck, value, mode.value, selection)  # noqa: E731
+        bias = 1.0 if value is None else value
+        planner = lambda ck: plan_set_forget_bias(ck, bias, mode.value, selection)  # noqa: E731
     _edit(checkpoint, planner, options)
 
 

@@ -18,7 +18,7 @@ class Gate:
 
     name: str
     short: str
-    activation: str  # "sigmoid" or "tanh" (RNN's may be "relu": see `activation_for`)
+    activation: str  # "sigmoid" or "tanh" (an RNN may use relu, which a checkpoint does not record)
     index: int
     # False only for GRU's new gate, where b_hn is scaled by the reset gate: b_in + b_hn is meaningless.
     biases_sum: bool = True
@@ -59,30 +59,32 @@ def gates_of(kind: str) -> tuple[Gate, ...]:
     return GATES_BY_FAMILY[family(kind)]
 
 
-def find_gate(kind: str, name: str) -> Gate | None:
-    """The gate of `kind` called `name` (full or short name, any case), or None."""
-    wanted = ALIASES.get(name.lower(), name.lower())
-    for gate in gates_of(kind):
-        if wanted in (gate.name, gate.short):
-            return gate
-    return None
-
-
-def all_gate_names() -> list[str]:
-    return [gate.name for gates in GATES_BY_FAMILY.values() for gate in gates]
-
-
-def check_gate_name(name: str) -> str:
-    """The canonical gate name, or an error that lists the valid ones."""
+def canonical_gate_name(name: str) -> str | None:
+    """The full name of the gate called `name` (full or short name, any case) in any family."""
     wanted = ALIASES.get(name.lower(), name.lower())
     for gates in GATES_BY_FAMILY.values():
         for gate in gates:
             if wanted in (gate.name, gate.short):
                 return gate.name
-    valid = ", ".join(
-        f"{fam}: {'/'.join(g.name for g in gates)}" for fam, gates in GATES_BY_FAMILY.items()
-    )
-    raise EditError(f"unknown gate {name!r}; gates are {valid}")
+    return None
+
+
+def find_gate(kind: str, name: str) -> Gate | None:
+    """The gate of `kind` called `name` (full or short name, any case), or None."""
+    canonical = canonical_gate_name(name)
+    return next((gate for gate in gates_of(kind) if gate.name == canonical), None)
+
+
+def check_gate_name(name: str) -> str:
+    """The canonical gate name, or an error that lists the valid ones."""
+    canonical = canonical_gate_name(name)
+    if canonical is None:
+        valid = ", ".join(
+            f"{family}: {'/'.join(g.name for g in gates)}"
+            for family, gates in GATES_BY_FAMILY.items()
+        )
+        raise EditError(f"unknown gate {name!r}; gates are {valid}")
+    return canonical
 
 
 def activate(activation: str, value: float) -> float:

@@ -23,6 +23,14 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 WIDE_ENOUGH = 120  # width for tables when stdout is not a terminal (no width to read)
 
 
+def _columns() -> int:
+    """The table width when stdout is not a terminal: $COLUMNS if it is a number, else 120."""
+    try:
+        return max(40, int(os.environ.get("COLUMNS", WIDE_ENOUGH)))
+    except ValueError:
+        return WIDE_ENOUGH
+
+
 def clean(name: str) -> str:
     """`name` with control characters shown as escapes (`\\x1b`), safe to print on a terminal."""
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
@@ -44,7 +52,7 @@ class Output:
 
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", WIDE_ENOUGH))
+        width = None if sys.stdout.isatty() else _columns()
         self.stdout = Console(highlight=False, width=width)
         self.stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -74,9 +82,20 @@ class Output:
             DownloadColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=self.stderr, transient=True) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda done: bar.advance(task, done)
+        # Started on the first byte, so the bar never covers the preview or a question.
+        bar = Progress(*columns, console=self.stderr, transient=True)
+        task = bar.add_task(description, total=total)
+
+        def advance(done: int) -> None:
+            if not bar.live.is_started:
+                bar.start()
+            bar.advance(task, done)
+
+        try:
+            yield advance
+        finally:
+            if bar.live.is_started:
+                bar.stop()
 
     def warn(self, message: str) -> None:
         self.stderr.print(Text(f"warning: {clean(message)}", style="yellow"))

@@ -16,7 +16,8 @@ from lstm_surgeon.stats import CellStats, GateStats, Summary
 from lstm_surgeon.verify import GateOpening, Verification
 
 FAMILY_NOTES = {
-    "GRU": "new gate: b_hn is multiplied by the reset gate, so b_in + b_hn is no effective bias",
+    "GRU": "new gate: b_hn is multiplied by the reset gate r, so b_in + b_hn is no effective bias; "
+    "at zero input it shows tanh(b_in + r·b_hn)",
     "RNN": "the nonlinearity (tanh or relu) is not stored in a checkpoint; tanh is shown",
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lstm_surgeon.checkpoint import Checkpoint, TensorRef
+from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import CellParams, RecurrentLayer
 from lstm_surgeon.gates import Gate, activate
 
@@ -75,15 +75,6 @@ def _summary_dict(summary: Summary | None) -> dict[str, float] | None:
     return None if summary is None else summary.to_dict()
 
 
-def gate_values(
-    checkpoint: Checkpoint, ref: TensorRef | None, gate: Gate, hidden: int
-) -> np.ndarray:
-    """The float64 values of one gate's rows of a bias (empty when the bias is absent)."""
-    if ref is None:
-        return np.empty(0)
-    return checkpoint.values(ref)[gate.rows(hidden)]
-
-
 def cell_stats(checkpoint: Checkpoint, layer: RecurrentLayer, cell: CellParams) -> CellStats:
     """Statistics of every gate of one cell, reading only its two bias tensors."""
     bias_ih = checkpoint.values(cell.bias_ih) if cell.bias_ih is not None else None
@@ -93,19 +84,34 @@ def cell_stats(checkpoint: Checkpoint, layer: RecurrentLayer, cell: CellParams) 
         rows = gate.rows(layer.hidden_size)
         ih = bias_ih[rows] if bias_ih is not None else None
         hh = bias_hh[rows] if bias_hh is not None else None
-        gates.append(_gate_stats(gate, ih, hh))
+        pre = _pre_activation_at_zero(layer, gate, bias_ih, bias_hh)
+        gates.append(_gate_stats(gate, ih, hh, pre))
     return CellStats(cell.layer, cell.direction, tuple(gates))
 
 
-def _gate_stats(gate: Gate, ih: np.ndarray | None, hh: np.ndarray | None) -> GateStats:
-    if not gate.biases_sum:
-        # b_hn is scaled by the reset gate: the opening at zero input depends on r, not on a sum.
-        effective, opening = None, None
-    elif ih is None or hh is None:
-        effective, opening = None, activate(gate.activation, 0.0)
-    else:
-        effective = Summary.of(ih + hh)
-        opening = None if effective is None else activate(gate.activation, effective.mean)
+def _pre_activation_at_zero(
+    layer: RecurrentLayer, gate: Gate, bias_ih: np.ndarray | None, bias_hh: np.ndarray | None
+) -> np.ndarray:
+    """What the gate's nonlinearity sees per unit for zero input and zero state: `b_ih + b_hh`,
+    except GRU's new gate, `b_in + r * b_hn` with the reset gate `r = sigmoid(b_ir + b_hr)`."""
+    if bias_ih is None or bias_hh is None:
+        return np.zeros(layer.hidden_size)
+    rows = gate.rows(layer.hidden_size)
+    if gate.biases_sum:
+        return bias_ih[rows] + bias_hh[rows]
+    reset = layer.gates[0].rows(layer.hidden_size)
+    r = 1.0 / (1.0 + np.exp(-(bias_ih[reset] + bias_hh[reset])))
+    return bias_ih[rows] + r * bias_hh[rows]
+
+
+def _gate_stats(
+    gate: Gate, ih: np.ndarray | None, hh: np.ndarray | None, pre: np.ndarray
+) -> GateStats:
+    """A gate's biases, their sum (not for GRU's new gate, where b_hn is scaled by r), and the
+    gate's activation of its mean pre-activation at zero input and state."""
+    summed = gate.biases_sum and ih is not None and hh is not None
+    effective = Summary.of(ih + hh) if summed else None  # type: ignore[operator]
+    opening = activate(gate.activation, float(pre.mean())) if pre.size else None
     return GateStats(
         gate,
         gate.activation,

@@ -63,10 +63,9 @@ def plan_set_gate_bias(
     gate_name = check_gate_name(gate)
     _check_mode(mode)
     plan = EditPlan(command, checkpoint.path)
-    for layer, cells in _selected(checkpoint, selection, plan, gate_name):
+    for layer, cells in _selected(checkpoint, selection, plan, gate_name, needs_bias=True):
         target = find_gate(layer.kind, gate_name)
         assert target is not None
-        _require_biases(layer)
         for cell in cells:
             values = np.full(layer.hidden_size, value, dtype=np.float64)
             plan.edits += _bias_edits(checkpoint, layer, cell, target, values, mode)
@@ -89,25 +88,23 @@ def plan_chrono(
     seed: int | None = None,
     mode: str = "effective",
     selection: Selection = Selection(),
-) -> EditPlan:
+) -> EditPlan:  # `mode` is taken only to refuse anything but "effective" with a clear message
     """Chrono initialisation (Tallec & Ollivier 2018): b_f ~ log(U(1, T_max - 1)) per unit, b_i = -b_f.
 
     The draw is the *effective* bias; each unit of each cell is drawn independently."""
     if t_max <= 2:
         raise EditError(f"--chrono T_MAX must be greater than 2 (got {t_max:g})")
-    _check_mode(mode)
-    if mode in ("both", "add"):
-        raise EditError(f"--chrono sets an effective bias; --mode {mode} would distort the draw")
+    if mode != "effective":
+        raise EditError(f"--chrono draws the effective bias; --mode {mode} would distort the draw")
     rng = np.random.default_rng(seed)
     plan = EditPlan("set-forget-bias", checkpoint.path)
-    for layer, cells in _selected(checkpoint, selection, plan, "forget"):
-        _require_biases(layer)
+    for layer, cells in _selected(checkpoint, selection, plan, "forget", needs_bias=True):
         forget, input_gate = find_gate(layer.kind, "forget"), find_gate(layer.kind, "input")
         assert forget is not None and input_gate is not None
         for cell in cells:
             draw = np.log(rng.uniform(1.0, t_max - 1.0, size=layer.hidden_size))
-            plan.edits += _bias_edits(checkpoint, layer, cell, forget, draw, mode)
-            plan.edits += _bias_edits(checkpoint, layer, cell, input_gate, -draw, mode)
+            plan.edits += _bias_edits(checkpoint, layer, cell, forget, draw, "effective")
+            plan.edits += _bias_edits(checkpoint, layer, cell, input_gate, -draw, "effective")
     return _finish(checkpoint, plan)
 
 
@@ -125,7 +122,11 @@ def plan_zero_bias(
             "--sublayer or --direction"
         )
     names = [check_gate_name(gate) for gate in gates]
-    plan = EditPlan("zero-bias", checkpoint.path, drop_optimizer_state=drop_optimizer_state)
+    plan = EditPlan(
+        "zero-bias",
+        checkpoint.path,
+        drop_optimizer_state=drop_optimizer_state and checkpoint.has_optimizer_state,
+    )
     for layer, cells in _selected(checkpoint, selection, plan, *names, need_all=False):
         if not layer.bias:
             plan.skipped.append(f"{layer.display_name}: has no bias tensors")
@@ -145,7 +146,11 @@ def plan_add_bias(
     checkpoint: Checkpoint, selection: Selection = Selection(), drop_optimizer_state: bool = False
 ) -> EditPlan:
     """Give `bias=False` layers zero biases so they load into `bias=True` modules."""
-    plan = EditPlan("add-bias", checkpoint.path, drop_optimizer_state=drop_optimizer_state)
+    plan = EditPlan(
+        "add-bias",
+        checkpoint.path,
+        drop_optimizer_state=drop_optimizer_state and checkpoint.has_optimizer_state,
+    )
     for layer, _ in _selected(checkpoint, selection, plan):
         if layer.bias:
             plan.skipped.append(f"{layer.display_name}: already has biases")
@@ -170,18 +175,11 @@ def plan_zero_input(
     if not features:
         raise EditError("--features needs at least one input feature index")
     plan = EditPlan("zero-input", checkpoint.path)
-    for layer, cells in _selected(checkpoint, selection, plan):
-        outside = [f for f in features if not 0 <= f < layer.input_size]
-        if outside:
-            raise EditError(
-                f"{layer.display_name}: input feature {outside[0]} does not exist "
-                f"(input_size is {layer.input_size}, features count from 0)"
-            )
+    columns = tuple(sorted(set(features)))
+    for layer, cells in _selected(checkpoint, selection, plan, input_features=max(columns) + 1):
         for cell in cells:
             if cell.layer == 0:
-                plan.edits.append(
-                    _zero_columns(checkpoint, layer, cell, tuple(sorted(set(features))))
-                )
+                plan.edits.append(_zero_columns(checkpoint, layer, cell, columns))
     return _finish(checkpoint, plan)
 
 
@@ -191,7 +189,10 @@ def parse_features(text: str) -> list[int]:
     try:
         for part in filter(None, (piece.strip() for piece in text.split(","))):
             first, _, last = part.partition("-")
-            indices.extend(range(int(first), int(last or first) + 1))
+            start, stop = int(first), int(last or first)
+            if start < 0 or stop < start:
+                raise ValueError(part)
+            indices.extend(range(start, stop + 1))
     except ValueError:
         raise EditError(f"--features {text!r}: expected indices like 2,5 or 7-9") from None
     return indices
@@ -205,22 +206,18 @@ def _check_mode(mode: str) -> None:
         raise EditError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def _require_biases(layer: RecurrentLayer) -> None:
-    if not layer.bias:
-        raise EditError(
-            f"layer {layer.display_name!r} has no bias tensors; run `lstm-surgeon add-bias` first"
-        )
-
-
 def _selected(
     checkpoint: Checkpoint,
     selection: Selection,
     plan: EditPlan,
     *gates: str,
     need_all: bool = True,
+    needs_bias: bool = False,
+    input_features: int = 0,
 ) -> Iterable[tuple[RecurrentLayer, list[CellParams]]]:
-    """The selected layers that have every gate in `gates` (any of them, without `need_all`), with
-    their selected cells.
+    """The selected layers that can take an edit, with their selected cells: layers that have
+    every gate in `gates` (any of them, without `need_all`), biases if `needs_bias`, and at least
+    `input_features` inputs.
 
     Layers skipped for lacking a gate or a sub-layer are recorded in the plan; selecting nothing
     at all is an error that lists what there is."""
@@ -236,6 +233,15 @@ def _selected(
         cells = selection.cells(layer)
         if missing:
             plan.skipped.append(f"{layer.display_name}: {layer.kind} has no {missing[0]} gate")
+        elif needs_bias and not layer.bias:
+            plan.skipped.append(
+                f"{layer.display_name}: has no bias tensors (run `lstm-surgeon add-bias` first)"
+            )
+        elif layer.input_size < input_features:
+            plan.skipped.append(
+                f"{layer.display_name}: has {layer.input_size} input features, "
+                f"not {input_features} (features count from 0)"
+            )
         elif not cells:
             plan.skipped.append(
                 f"{layer.display_name}: no sub-layer/direction matches the selection"

@@ -15,9 +15,10 @@ import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
+from lstm_surgeon.dtypes import EDITABLE
+from lstm_surgeon.torch_import import import_torch
 
 SEQUENCE_LENGTH, BATCH = 5, 2
-FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def verify_checkpoint(
     checkpoint: Checkpoint, layer_globs: Iterable[str] = (), seed: int = 0
 ) -> Verification:
     """Load and run every selected layer in torch; report what fails."""
-    import torch
+    torch = import_torch("verify")
 
     found = discover(checkpoint)
     generator = torch.Generator().manual_seed(seed)
@@ -136,7 +137,7 @@ def state_dict_for(checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any) ->
 def _verify_layer(
     checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any, generator: Any
 ) -> LayerVerification:
-    if layer.dtype not in FLOATING:
+    if layer.dtype not in EDITABLE:  # the floating dtypes torch's recurrent modules take
         return _failed(layer, f"torch recurrent modules take floating weights, not {layer.dtype}")
     try:
         module = build_module(layer, torch).to(getattr(torch, layer.dtype))
@@ -175,19 +176,16 @@ def _flatten(value: Any) -> Any:
 
 
 def _openings(module: Any, layer: RecurrentLayer, torch: Any) -> list[GateOpening]:
-    """Each gate's mean output for zero input and zero state, from the module's own parameters."""
+    """Each gate's mean output for zero input and zero state, from the loaded module's parameters
+    (which rows are which gate comes from `gates`, checked against torch's forward by the tests)."""
     openings = []
     hidden = layer.hidden_size
-    for cell in layer.cells:
-        suffix = (
-            ""
-            if layer.is_cell
-            else f"_l{cell.layer}" + ("_reverse" if cell.direction == "reverse" else "")
+    prefix = f"{layer.name}." if layer.name else ""
+    for cell in layer.cells if layer.bias else ():
+        b_ih, b_hh = (
+            getattr(module, layer.parameter_name(name, cell).removeprefix(prefix)).detach().double()
+            for name in ("bias_ih", "bias_hh")
         )
-        if not layer.bias:
-            continue
-        b_ih = getattr(module, f"bias_ih{suffix}").detach().double()
-        b_hh = getattr(module, f"bias_hh{suffix}").detach().double()
         for gate in layer.gates:
             rows = gate.rows(hidden)
             if gate.biases_sum:

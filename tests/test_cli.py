@@ -497,3 +497,16 @@ def test_python_dash_m_runs_the_tool(tmp_path):
     result = run_command([sys.executable, "-m", "lstm_surgeon"], "--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"lstm-surgeon {__version__}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--chrono", "10", "--value", "1"], ["--seed", "3"], ["--chrono", "10", "--mode", "both"]],
+)
+def test_set_forget_bias_refuses_options_that_would_be_ignored(
+    run_cli, fixtures_dir, tmp_path, options
+):
+    result = run_cli("set-forget-bias", fixtures_dir / "zoo.pt", *options, "-o", tmp_path / "o.pt")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("lstm-surgeon: error:")
+    assert not (tmp_path / "o.pt").exists()

@@ -30,6 +30,7 @@ from torch import nn
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.errors import EditError
+from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.plan import EditPlan
 from lstm_surgeon.surgery import (
     MODES,
@@ -629,15 +630,24 @@ def test_zero_input_makes_the_encoder_ignore_those_features(fixtures_dir, tmp_pa
     assert not torch.equal(run(module, x)[0], run(module, kept_feature)[0])
 
 
-def test_zero_input_refuses_features_a_layer_lacks(fixtures_dir, tmp_path):
-    with pytest.raises(EditError, match="input feature 3 does not exist"):
-        edit(fixtures_dir / "zoo.pt", lambda ck: plan_zero_input(ck, [3]), tmp_path / "out.pt")
+def test_zero_input_skips_layers_without_the_feature(fixtures_dir, tmp_path):
+    with open_checkpoint(fixtures_dir / "zoo.pt") as checkpoint:
+        plan = plan_zero_input(checkpoint, [3])
+    edited = {edit.layer for edit in plan.edits}
+    assert edited == {"encoder", "projected", "gru"}  # input sizes 5, 4, 4
+    skipped = {line.split(":")[0] for line in plan.skipped}
+    assert skipped == {"elman", "rnn", "gru_cell", "rnn_cell"}  # input size 3
+    with pytest.raises(EditError, match="no selected layer can take this edit"):
+        edit(fixtures_dir / "zoo.pt", lambda ck: plan_zero_input(ck, [5]), tmp_path / "out.pt")
     with pytest.raises(EditError, match="at least one"):
         edit(fixtures_dir / "zoo.pt", lambda ck: plan_zero_input(ck, []), tmp_path / "out.pt")
 
 
 def test_parse_features():
     assert parse_features("2,5,7-9") == [2, 5, 7, 8, 9]
+    for text in ("7-5", "-1", "a"):
+        with pytest.raises(EditError):
+            parse_features(text)
     assert parse_features(" 1 , 3 ") == [1, 3]
     with pytest.raises(EditError, match="expected indices"):
         parse_features("1,x")
@@ -862,3 +872,36 @@ def test_set_gate_bias_changes_exactly_what_torch_slicing_changes(case):
     assert plan.changes_anything == any(
         raw_bytes(before[name]) != raw_bytes(expected[name]) for name in expected
     )
+
+
+def test_chrono_refuses_modes_that_distort_the_effective_draw(fixtures_dir):
+    with open_checkpoint(fixtures_dir / "zoo.pt") as checkpoint:
+        for mode in ("ih", "hh", "both", "add"):
+            with pytest.raises(EditError, match="effective"):
+                plan_chrono(checkpoint, 50, 0, mode)
+
+
+def test_layers_without_biases_are_skipped_when_others_can_take_the_edit(tmp_path):
+    state = {
+        **{f"plain.{k}": v for k, v in torch.nn.LSTM(3, 4, bias=False).state_dict().items()},
+        **{f"biased.{k}": v for k, v in torch.nn.LSTM(3, 4).state_dict().items()},
+    }
+    torch.save(state, tmp_path / "mixed.pt")
+    with open_checkpoint(tmp_path / "mixed.pt") as checkpoint:
+        plan = plan_set_forget_bias(checkpoint, 1.0)
+    assert {edit.layer for edit in plan.edits} == {"biased"}
+    assert any(line.startswith("plain:") and "add-bias" in line for line in plan.skipped)
+    torch.save(
+        {f"plain.{k}": v for k, v in state.items() if k.startswith("plain.")}, tmp_path / "p.pt"
+    )
+    with (
+        open_checkpoint(tmp_path / "p.pt") as checkpoint,
+        pytest.raises(EditError, match="add-bias"),
+    ):
+        plan_set_forget_bias(checkpoint, 1.0)
+
+
+def test_drop_optimizer_state_without_optimizer_state_changes_no_structure(fixtures_dir):
+    with open_checkpoint(fixtures_dir / "ddp.pt") as checkpoint:
+        plan = plan_zero_bias(checkpoint, ["forget"], drop_optimizer_state=True)
+    assert not plan.changes_structure

@@ -60,7 +60,6 @@ class TensorStub:
     stride: tuple[int, ...]
     dtype: DType
     requires_grad: bool = False
-    is_parameter: bool = False
 
 
 class Opaque:
@@ -142,9 +141,7 @@ def _rebuild_tensor_v3(
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
-    if isinstance(data, TensorStub):
-        data.is_parameter = True
-    return data
+    return data  # a Parameter is stored as the tensor it wraps
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:

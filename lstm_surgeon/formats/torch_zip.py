@@ -31,6 +31,7 @@ from lstm_surgeon.dtypes import DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
 from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
 from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored
+from lstm_surgeon.torch_import import import_torch
 from lstm_surgeon.writing import BytePatch, Progress
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
@@ -122,7 +123,7 @@ class TorchZipFormat:
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
         """Rebuild the object tree with torch (the one path here that needs it) and torch.save it."""
-        import torch
+        torch = import_torch("a structure-changing edit of a .pt file")
 
         root = _load_tree_with_torch(source)
         originals = _tensors_by_location(root, source)
@@ -284,7 +285,7 @@ def _well_formed(stub: TensorStub) -> bool:
 
 def _load_tree_with_torch(source: Checkpoint) -> Any:
     """The source's object tree as torch builds it, refusing anything that is not plain data."""
-    import torch
+    torch = import_torch("a structure-changing edit of a .pt file")
 
     if source.format_name != "pt":
         return OrderedDict()
