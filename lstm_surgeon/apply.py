@@ -19,7 +19,7 @@ import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef, tensor_view
 from lstm_surgeon.dtypes import BY_NAME
-from lstm_surgeon.errors import EditError, OutputError
+from lstm_surgeon.errors import OutputError
 from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint
 from lstm_surgeon.plan import EditPlan, SliceEdit
 from lstm_surgeon.writing import (
@@ -246,24 +246,8 @@ def _rewrite(
 ) -> None:
     drop_keys = checkpoint.optimizer_keys() if plan.drop_optimizer_state else frozenset()
     tensors = output_tensors(checkpoint, plan, drop_keys)
-    if target_format.name == "safetensors" and checkpoint.format_name != "safetensors":
-        _require_plain_state_dict(checkpoint, drop_keys)
     with atomic_output(target, _mode(checkpoint), durable) as out:
         target_format.write(out, tensors, checkpoint, drop_keys)
-
-
-def _require_plain_state_dict(checkpoint: Checkpoint, drop_keys: frozenset[str]) -> None:
-    """safetensors holds named tensors only: converting anything richer would lose data silently."""
-    others = [
-        key
-        for key in checkpoint.top_level_keys
-        if key not in checkpoint.tensors and key not in drop_keys
-    ]
-    if others:
-        raise EditError(
-            f"{checkpoint.path}: only a plain state dict converts to safetensors; this file also "
-            f"holds {', '.join(repr(key) for key in others[:3])}"
-        )
 
 
 def output_tensors(

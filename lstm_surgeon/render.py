@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from lstm_surgeon.apply import WriteResult
-from lstm_surgeon.check import CheckReport
-from lstm_surgeon.inspection import Inspection, LayerReport
 from lstm_surgeon.output import clean
-from lstm_surgeon.plan import EditPlan
-from lstm_surgeon.stats import CellStats, GateStats, Summary
-from lstm_surgeon.verify import GateOpening, Verification
+
+if TYPE_CHECKING:  # records only: rendering must not import what builds them
+    from lstm_surgeon.apply import WriteResult
+    from lstm_surgeon.check import CheckReport
+    from lstm_surgeon.inspection import Inspection, LayerReport
+    from lstm_surgeon.plan import EditPlan
+    from lstm_surgeon.stats import CellStats, GateStats, Summary
+    from lstm_surgeon.verify import GateOpening, Verification
 
 FAMILY_NOTES = {
     "GRU": "new gate: b_hn is multiplied by the reset gate r, so b_in + b_hn is no effective bias; "

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
 from lstm_surgeon.dtypes import BY_SAFETENSORS_CODE
-from lstm_surgeon.errors import CheckpointError
+from lstm_surgeon.errors import CheckpointError, EditError
 from lstm_surgeon.writing import BytePatch, Progress
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
@@ -43,7 +43,6 @@ class SafetensorsFormat:
             tensors=tensors,
             buffer=buffer,
             metadata=metadata,
-            details={"header_keys": list(header)},
             top_level_keys=tuple(tensors),
         )
 
@@ -64,8 +63,19 @@ class SafetensorsFormat:
         source: Checkpoint,
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
-        """Write tensors in the given order, keeping the source's metadata (`drop_keys` name
-        tensors, which the caller has already left out)."""
+        """Write tensors in the given order, keeping the source's metadata. A file holds named
+        tensors only, so a source with anything else at its top level (an epoch, a config) is
+        refused rather than converted with data silently lost (`drop_keys` are left out anyway)."""
+        others = [
+            key
+            for key in source.top_level_keys
+            if key not in source.tensors and key not in drop_keys
+        ]
+        if others:
+            raise EditError(
+                f"{source.path}: only a plain state dict converts to safetensors; this file also "
+                f"holds {', '.join(repr(key) for key in others[:3])}"
+            )
         header: dict[str, Any] = {}
         if source.metadata is not None:
             header[METADATA_KEY] = source.metadata
