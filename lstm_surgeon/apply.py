@@ -21,7 +21,7 @@ from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, Tensor
 from lstm_surgeon.dtypes import BY_NAME
 from lstm_surgeon.errors import OutputError
 from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint
-from lstm_surgeon.plan import EditPlan, SliceEdit
+from lstm_surgeon.plan import EditPlan, SliceEdit, edited_copy
 from lstm_surgeon.writing import (
     BytePatch,
     Progress,
@@ -152,15 +152,6 @@ def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> Chec
     return format_for_suffix(target) or checkpoint.format
 
 
-def assign(array: np.ndarray, edit: SliceEdit) -> None:
-    """Write an edit's new elements into `array`, the edited tensor (or a copy of it)."""
-    start, stop = edit.rows
-    if edit.columns is None:
-        array[start:stop] = edit.new_raw
-    else:
-        array[start:stop, list(edit.columns)] = edit.new_raw
-
-
 def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePatch]:
     """The bytes a same-structure edit writes, as (offset, old, new): each touched storage is
     edited in memory, trimmed to the bytes that change, plus the checksums the format keeps."""
@@ -175,7 +166,7 @@ def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePat
         new = bytearray(old)
         for edit in storage_edits:
             ref = checkpoint.tensors[edit.tensor]
-            assign(tensor_view(new, replace(ref, storage=replace(storage, offset=0))), edit)
+            edit.write_into(tensor_view(new, replace(ref, storage=replace(storage, offset=0))))
         changed = _changed_span(storage.offset, old, bytes(new))
         if changed:
             patches += changed
@@ -276,14 +267,7 @@ def output_tensors(
         if name in removed or name.split(".", 1)[0] in drop_keys:
             continue
         if name in edits_by_tensor:
-            emit(OutputTensor(ref, data=_edited_copy(checkpoint, ref, edits_by_tensor[name])))
+            emit(OutputTensor(ref, data=edited_copy(checkpoint.raw(ref), edits_by_tensor[name])))
         else:
             emit(OutputTensor(ref, source=ref))
     return result
-
-
-def _edited_copy(checkpoint: Checkpoint, ref: TensorRef, edits: list[SliceEdit]) -> np.ndarray:
-    array = np.array(checkpoint.raw(ref))
-    for edit in edits:
-        assign(array, edit)
-    return array

@@ -27,17 +27,16 @@ from typing import Any
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
-from lstm_surgeon.discovery import CellParams, Discovery, RecurrentLayer, discover
+from lstm_surgeon.discovery import Discovery, discover
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
-from lstm_surgeon.gates import Gate
+from lstm_surgeon.gates import Gate, effective_bias
+from lstm_surgeon.layers import BIAS_HH, BIAS_IH, BIAS_ROLES, Cell, RecurrentLayer, Region
 from lstm_surgeon.stats import Summary
 
 # Elements compared at once: 1M float64 values are 8 MB per operand, so a chunk with its temporaries
 # stays under ~60 MB whatever the tensor's size (and measured faster than larger chunks).
 CHUNK_ELEMENTS = 1 << 20
-GATED_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # weight_hr has no gates
-BIASES = ("bias_ih", "bias_hh")
 
 
 class DiffError(SurgeonError):
@@ -201,15 +200,15 @@ def _names(checkpoint: Checkpoint, prefixes: Sequence[str]) -> dict[str, TensorR
 
 @dataclass(frozen=True)
 class _Recurrent:
-    """A recurrent parameter as found on one side: enough to slice it and find its sibling bias."""
+    """A recurrent parameter as found on one side: its gates' regions, and the regions of the
+    biases each gate sees (to report what the gate sees before and after)."""
 
     layer: str  # compared (stripped) layer name
     kind: str
-    hidden_size: int
-    gates: tuple[Gate, ...]  # () for weight_hr
-    parameter: str
+    parameter: str  # the role: weight_ih, bias_hh, ...
     cell: CellId
-    bias_names: tuple[str | None, str | None]  # compared names of the cell's bias_ih and bias_hh
+    gate_regions: tuple[tuple[Gate, Region], ...]  # () for parameters without gates
+    bias_regions: dict[str, tuple[Region | None, Region | None]] = field(hash=False)
 
 
 def _recurrent_params(
@@ -218,7 +217,7 @@ def _recurrent_params(
     """Every recurrent tensor of the layers that match `globs` (all when none), by compared name."""
     params: dict[str, _Recurrent] = {}
     for layer in found.layers:
-        name = strip_key(layer.cells[0].weight_ih.name, prefixes).rpartition(".")[0]
+        name = strip_key(layer.cells[0].tensors()[0].name, prefixes).rpartition(".")[0]
         if globs and not any(fnmatch.fnmatchcase(n, g) for n in (name, layer.name) for g in globs):
             continue
         for cell in layer.cells:
@@ -227,28 +226,24 @@ def _recurrent_params(
 
 
 def _cell_params(
-    layer: RecurrentLayer, name: str, cell: CellParams, prefixes: Sequence[str]
+    layer: RecurrentLayer, name: str, cell: Cell, prefixes: Sequence[str]
 ) -> Iterator[tuple[str, _Recurrent]]:
-    def compared(ref: TensorRef | None) -> str | None:
-        return None if ref is None else strip_key(ref.name, prefixes)
-
-    biases = (compared(cell.bias_ih), compared(cell.bias_hh))
-    for parameter in (*GATED_PARAMETERS, "weight_hr"):
-        ref = getattr(cell, parameter)
-        if ref is not None:
-            gates = layer.gates if parameter in GATED_PARAMETERS else ()
-            yield (
-                strip_key(ref.name, prefixes),
-                _Recurrent(
-                    name,
-                    layer.kind,
-                    layer.hidden_size,
-                    gates,
-                    parameter,
-                    CellId(cell.layer, cell.direction),
-                    biases,
-                ),
-            )
+    biases = {
+        gate.name: (cell.region(BIAS_IH, gate.name), cell.region(BIAS_HH, gate.name))
+        for gate in layer.gates
+    }
+    for (role, gate_name), whole in cell.regions.items():
+        if gate_name is not None:
+            continue
+        gate_regions = tuple(
+            (gate, region)
+            for gate in layer.gates
+            if (region := cell.region(role, gate.name)) is not None
+        )
+        recurrent = _Recurrent(
+            name, layer.kind, role, CellId(cell.layer, cell.direction), gate_regions, biases
+        )
+        yield strip_key(whole.tensor.name, prefixes), recurrent
 
 
 @dataclass(frozen=True)
@@ -312,32 +307,23 @@ def _compare_chunk(
     return _abs_diff(a, b), changed
 
 
-def _compare_region(
-    flats: tuple[np.ndarray, np.ndarray],
-    dtypes: tuple[DType, DType],
-    region: slice,
-    tol: _Tolerance,
+def _compare_flat(
+    flats: tuple[np.ndarray, np.ndarray], dtypes: tuple[DType, DType], tol: _Tolerance
 ) -> _Running:
     running = _Running()
-    for start in range(region.start, region.stop, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, region.stop)
+    for start in range(0, flats[0].size, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, flats[0].size)
         diff, changed = _compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
         running.add(diff, changed)
     return running
 
 
-def _gate_regions(ref: TensorRef, info: _Recurrent | None) -> list[tuple[Gate, slice]]:
-    """Each gate's rows as a range of flat elements (rows are contiguous in row-major order)."""
-    if info is None or not info.gates or not ref.shape:
-        return []
-    if ref.shape[0] != len(info.gates) * info.hidden_size:
-        return []
-    row = math.prod(ref.shape[1:])
-    regions = []
-    for gate in info.gates:
-        rows = gate.rows(info.hidden_size)
-        regions.append((gate, slice(rows.start * row, rows.stop * row)))
-    return regions
+def _region_flats(
+    raws: tuple[np.ndarray, np.ndarray], region: Region
+) -> tuple[np.ndarray, np.ndarray]:
+    """One gate's elements on both sides, flat (a view of the file where the region is contiguous,
+    as a PyTorch gate's rows are)."""
+    return region.raw_of(raws[0]).reshape(-1), region.raw_of(raws[1]).reshape(-1)
 
 
 def _merge(parts: Iterable[_Running]) -> _Running:
@@ -356,11 +342,7 @@ class _Side:
 
     checkpoint: Checkpoint
     names: dict[str, TensorRef]
-
-    def flat(self, ref: TensorRef) -> np.ndarray:
-        """The stored elements in row-major order: a view of the file when the tensor is contiguous,
-        a whole copy otherwise (the rare non-contiguous view cannot be chunked without one)."""
-        return self.checkpoint.raw(ref).reshape(-1)
+    prefixes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -386,14 +368,18 @@ def _compare_pair(
     dtype = (a.dtype.name, b.dtype.name) if a.dtype != b.dtype else None
     if a.shape != b.shape:
         return _tensor_diff(pair, None, (), dtype, (a.shape, b.shape), ())
-    flats = (sides[0].flat(a), sides[1].flat(b))
+    raws = (sides[0].checkpoint.raw(a), sides[1].checkpoint.raw(b))
     dtypes = (a.dtype, b.dtype)
-    regions = _gate_regions(a, pair.info)
+    regions = pair.info.gate_regions if pair.info is not None else ()
     if regions:
-        per_gate = [(gate, _compare_region(flats, dtypes, rows, tol)) for gate, rows in regions]
+        per_gate = [
+            (gate, _compare_flat(_region_flats(raws, region), dtypes, tol))
+            for gate, region in regions
+        ]
         total = _merge(running for _, running in per_gate)
     else:
-        per_gate, total = [], _compare_region(flats, dtypes, slice(0, a.numel), tol)
+        flats = (raws[0].reshape(-1), raws[1].reshape(-1))
+        per_gate, total = [], _compare_flat(flats, dtypes, tol)
     if not total.changed and dtype is None:
         return None
     gate_diffs = tuple(
@@ -433,28 +419,29 @@ def _tensor_diff(
 def _effective(
     info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate]
 ) -> tuple[EffectiveBias, ...]:
-    """Before and after `b_ih + b_hh` of the changed gates, for a changed bias (else nothing)."""
+    """What each changed gate sees before and after, for a changed bias (else nothing)."""
     summing = [gate for gate in gates if gate.biases_sum]
-    if info is None or info.parameter not in BIASES or not summing:
+    if info is None or info.parameter not in BIAS_ROLES or not summing:
         return ()
-    sums = [_bias_sum(side, info) for side in sides]
     return tuple(
-        EffectiveBias(gate.name, *(_gate_summary(total, gate, info) for total in sums))
+        EffectiveBias(gate.name, *(_gate_sees(side, info, gate) for side in sides))
         for gate in summing
     )
 
 
-def _bias_sum(side: _Side, info: _Recurrent) -> np.ndarray | None:
-    """`b_ih + b_hh` of the cell on one side, or None when a bias is missing or reshaped there."""
-    rows = len(info.gates) * info.hidden_size
-    refs = [None if name is None else side.names.get(name) for name in info.bias_names]
-    if refs[0] is None or refs[1] is None or {refs[0].shape, refs[1].shape} != {(rows,)}:
-        return None
-    return side.checkpoint.values(refs[0]) + side.checkpoint.values(refs[1])
-
-
-def _gate_summary(total: np.ndarray | None, gate: Gate, info: _Recurrent) -> Summary | None:
-    return None if total is None else Summary.of(total[gate.rows(info.hidden_size)])
+def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
+    """The bias `gate` sees on one side, or None when a bias is missing or reshaped there."""
+    values = []
+    for region in info.bias_regions[gate.name]:
+        if region is None:
+            values.append(None)
+            continue
+        ref = side.names.get(strip_key(region.tensor.name, side.prefixes))
+        if ref is None or ref.shape != region.tensor.shape:
+            return None
+        values.append(widen(region.raw_of(side.checkpoint.raw(ref)), ref.dtype))
+    effective = effective_bias(gate, *values)
+    return None if effective is None else Summary.of(effective)
 
 
 def _check_tolerance(name: str, value: float) -> float:
@@ -498,7 +485,7 @@ def diff_checkpoints(
         raise DiffError(f"no recurrent layer matches {', '.join(globs)} in {a.path} or {b.path}")
     in_a, in_b = _scope(params, globs, names[0]), _scope(params, globs, names[1])
     shared = [name for name in in_a if name in names[1]]
-    sides = (_Side(a, names[0]), _Side(b, names[1]))
+    sides = (_Side(a, names[0], prefixes), _Side(b, names[1], prefixes))
     pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
     changed = [d for d in (_compare_pair(p, sides, tol, progress) for p in pairs) if d is not None]
     return DiffResult(

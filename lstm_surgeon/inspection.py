@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lstm_surgeon.checkpoint import Checkpoint
-from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
+from lstm_surgeon.discovery import discover, require_selected
+from lstm_surgeon.layers import RecurrentLayer
 from lstm_surgeon.stats import CellStats, layer_stats
 
 
@@ -20,6 +21,7 @@ class LayerReport:
         layer = self.layer
         return {
             "name": layer.name,
+            "framework": layer.framework,
             "kind": layer.kind,
             "input_size": layer.input_size,
             "hidden_size": layer.hidden_size,
@@ -63,9 +65,10 @@ class Inspection:
 
 
 def inspect_checkpoint(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) -> Inspection:
-    """Discover the recurrent layers and compute their gate statistics (reads only bias tensors)."""
+    """Discover the recurrent layers and compute their gate statistics (reads only bias tensors);
+    globs that match no layer are an error naming the layers there are."""
     found = discover(checkpoint)
-    selected = select_layers(found.layers, layer_globs)
+    selected = require_selected(found.layers, layer_globs)
     recurrent = found.recurrent_tensor_names()
     others = [ref for name, ref in checkpoint.tensors.items() if name not in recurrent]
     return Inspection(

@@ -12,25 +12,42 @@ from typing import Any
 
 import numpy as np
 
+from lstm_surgeon.layers import Region
 from lstm_surgeon.stats import Summary
 
 
 @dataclass(frozen=True)
 class SliceEdit:
-    """New values for rows (and optionally some columns) of one tensor."""
+    """New values for one region of one tensor (a gate's biases, a weight's input columns, ...)."""
 
-    tensor: str
+    region: Region
     layer: str
     cell_layer: int
     direction: str
-    parameter: str  # bias_ih, bias_hh or weight_ih
-    gate: str | None  # the gate whose rows these are; None when the edit spans every gate
-    rows: tuple[int, int]  # [start, stop) along dimension 0
-    columns: tuple[int, ...] | None  # the columns of a 2-D tensor; None for a 1-D bias
-    new_raw: np.ndarray  # the new elements, already rounded to the tensor's dtype (storage form)
+    parameter: str  # the role: bias_ih, bias_hh or weight_ih
+    gate: str | None  # the gate whose part this is; None when the edit spans every gate
+    new_raw: np.ndarray  # the new elements as `tensor[region index]` holds them, in storage form
     before: Summary
     after: Summary
     changes_anything: bool  # False when every new element equals the old one bit for bit
+
+    @property
+    def tensor(self) -> str:
+        return self.region.tensor.name
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The span of hidden-unit positions along the tensor's gate axis."""
+        return self.region.units.start, self.region.units.stop
+
+    @property
+    def columns(self) -> tuple[int, ...] | None:
+        """The input features edited (None: every one, or a bias)."""
+        return self.region.inputs
+
+    def write_into(self, array: np.ndarray) -> None:
+        """Write the new elements into `array`, the edited tensor's elements (or a copy of them)."""
+        array[self.region.numpy_index()] = self.new_raw
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,10 +58,19 @@ class SliceEdit:
             "gate": self.gate,
             "rows": list(self.rows),
             "columns": None if self.columns is None else list(self.columns),
+            "index": self.region.index_to_json(),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "changed": self.changes_anything,
         }
+
+
+def edited_copy(raw: np.ndarray, edits: list[SliceEdit]) -> np.ndarray:
+    """A copy of a tensor's stored elements with every edit of that tensor written into it."""
+    array = np.array(raw)
+    for edit in edits:
+        edit.write_into(array)
+    return array
 
 
 @dataclass(frozen=True)
@@ -78,7 +104,7 @@ class TensorRemoval:
 
 @dataclass(frozen=True)
 class GateEffect:
-    """What a gate sees before and after the edit: the effective bias (b_ih + b_hh) of one cell."""
+    """What a gate sees before and after the edit: the effective bias of one cell's gate."""
 
     layer: str
     cell_layer: int

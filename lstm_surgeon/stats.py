@@ -1,8 +1,8 @@
 """Gate-sliced statistics of recurrent biases: what `inspect` shows and `verify` cross-checks.
 
-PyTorch adds two bias vectors, so the number that matters is the *effective* bias `b_ih + b_hh`; its
-activation at zero input and state says how open a gate starts. GRU's new gate is the exception:
-`b_hn` is multiplied by the reset gate, so the two biases are reported separately and never summed.
+The number that matters is the bias a gate sees (`gates.effective_bias`); its activation at zero input
+and state says how open a gate starts. A gate whose recurrent bias is scaled by the reset gate (GRU's
+new gate) has its two biases reported separately and never summed.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint
-from lstm_surgeon.discovery import CellParams, RecurrentLayer
-from lstm_surgeon.gates import Gate, activate
+from lstm_surgeon.gates import Gate, activate, effective_bias, pre_activation_at_zero
+from lstm_surgeon.layers import Cell, RecurrentLayer
 
 
 @dataclass(frozen=True)
@@ -75,51 +75,35 @@ def _summary_dict(summary: Summary | None) -> dict[str, float] | None:
     return None if summary is None else summary.to_dict()
 
 
-def cell_stats(checkpoint: Checkpoint, layer: RecurrentLayer, cell: CellParams) -> CellStats:
-    """Statistics of every gate of one cell, reading only its two bias tensors."""
-    bias_ih = checkpoint.values(cell.bias_ih) if cell.bias_ih is not None else None
-    bias_hh = checkpoint.values(cell.bias_hh) if cell.bias_hh is not None else None
+def cell_stats(checkpoint: Checkpoint, layer: RecurrentLayer, cell: Cell) -> CellStats:
+    """Statistics of every gate of one cell, reading only its bias tensors."""
+    biases = {gate.name: cell.bias_values(checkpoint, gate) for gate in layer.gates}
     gates = []
     for gate in layer.gates:
-        rows = gate.rows(layer.hidden_size)
-        ih = bias_ih[rows] if bias_ih is not None else None
-        hh = bias_hh[rows] if bias_hh is not None else None
-        pre = _pre_activation_at_zero(layer, gate, bias_ih, bias_hh)
+        ih, hh = biases[gate.name]
+        pre = pre_activation_at_zero(layer.gates, gate, biases, layer.hidden_size)
         gates.append(_gate_stats(gate, ih, hh, pre))
     return CellStats(cell.layer, cell.direction, tuple(gates))
-
-
-def _pre_activation_at_zero(
-    layer: RecurrentLayer, gate: Gate, bias_ih: np.ndarray | None, bias_hh: np.ndarray | None
-) -> np.ndarray:
-    """What the gate's nonlinearity sees per unit for zero input and zero state: `b_ih + b_hh`,
-    except GRU's new gate, `b_in + r * b_hn` with the reset gate `r = sigmoid(b_ir + b_hr)`."""
-    if bias_ih is None or bias_hh is None:
-        return np.zeros(layer.hidden_size)
-    rows = gate.rows(layer.hidden_size)
-    if gate.biases_sum:
-        return bias_ih[rows] + bias_hh[rows]
-    reset = layer.gates[0].rows(layer.hidden_size)
-    r = 1.0 / (1.0 + np.exp(-(bias_ih[reset] + bias_hh[reset])))
-    return bias_ih[rows] + r * bias_hh[rows]
 
 
 def _gate_stats(
     gate: Gate, ih: np.ndarray | None, hh: np.ndarray | None, pre: np.ndarray
 ) -> GateStats:
-    """A gate's biases, their sum (not for GRU's new gate, where b_hn is scaled by r), and the
-    gate's activation of its mean pre-activation at zero input and state."""
-    summed = gate.biases_sum and ih is not None and hh is not None
-    effective = Summary.of(ih + hh) if summed else None  # type: ignore[operator]
+    """A gate's biases, the bias it sees (not for a gate that scales b_hn by r), and the gate's
+    activation of its mean pre-activation at zero input and state."""
     opening = activate(gate.activation, float(pre.mean())) if pre.size else None
     return GateStats(
         gate,
         gate.activation,
         None if ih is None else Summary.of(ih),
         None if hh is None else Summary.of(hh),
-        effective,
+        _optional_summary(effective_bias(gate, ih, hh)),
         opening,
     )
+
+
+def _optional_summary(values: np.ndarray | None) -> Summary | None:
+    return None if values is None else Summary.of(values)
 
 
 def layer_stats(checkpoint: Checkpoint, layer: RecurrentLayer) -> list[CellStats]:

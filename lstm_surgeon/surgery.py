@@ -1,12 +1,15 @@
 """The edits people came for, as planners: each returns an `EditPlan` and changes nothing itself.
 
-How a bias value reaches a gate (`mode`): PyTorch adds two bias vectors, so
+How a bias value reaches a gate (`mode`), where a layout stores two biases per gate:
 - `effective` (default): b_ih = V, b_hh = 0; the gate sees exactly V (for GRU's new gate too, where
   b_hn is scaled by the reset gate: with b_hn = 0 the gate sees V whatever r is);
 - `both`: b_ih = b_hh = V, the popular recipe; the gate sees 2V;
 - `ih` / `hh`: only that bias is set to V;
 - `add`: b_ih += V, which shifts the effective bias by V.
-New values are computed in the precision torch uses for the tensor's dtype and rounded as torch rounds.
+Where a layout stores one bias per gate, `effective` sets it to V and `add` adds V to it; `both`, `ih`
+and `hh` name a second bias that is not there, and are refused. Planners find a gate's biases through
+the layer's regions (`layers.Region`) and never slice a tensor themselves. New values are computed in
+the precision torch uses for the tensor's dtype and rounded as torch rounds.
 """
 
 from __future__ import annotations
@@ -17,11 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
-from lstm_surgeon.discovery import CellParams, RecurrentLayer, discover, select_layers
+from lstm_surgeon.discovery import discover, nothing_selected, select_layers
 from lstm_surgeon.dtypes import EDITABLE, compute_dtype, round_to, widen
 from lstm_surgeon.errors import EditError
-from lstm_surgeon.gates import Gate, check_gate_name, find_gate
-from lstm_surgeon.plan import EditPlan, GateEffect, SliceEdit, TensorAddition, TensorRemoval
+from lstm_surgeon.gates import Gate, check_gate_name, effective_bias, find_gate
+from lstm_surgeon.layers import (
+    BIAS_HH,
+    BIAS_IH,
+    BIAS_ROLES,
+    WEIGHT_IH,
+    Cell,
+    RecurrentLayer,
+    Region,
+)
+from lstm_surgeon.layouts import layout_for
+from lstm_surgeon.plan import (
+    EditPlan,
+    GateEffect,
+    SliceEdit,
+    TensorAddition,
+    TensorRemoval,
+    edited_copy,
+)
 from lstm_surgeon.stats import Summary
 
 MODES = ("effective", "both", "ih", "hh", "add")
@@ -35,7 +55,7 @@ class Selection:
     sublayers: tuple[int, ...] = ()
     directions: tuple[str, ...] = ()
 
-    def cells(self, layer: RecurrentLayer) -> list[CellParams]:
+    def cells(self, layer: RecurrentLayer) -> list[Cell]:
         return [
             cell
             for cell in layer.cells
@@ -64,7 +84,7 @@ def plan_set_gate_bias(
     _check_mode(mode)
     plan = EditPlan(command, checkpoint.path)
     for layer, cells in _selected(checkpoint, selection, plan, gate_name, needs_bias=True):
-        target = find_gate(layer.kind, gate_name)
+        target = find_gate(layer.gates, gate_name)
         assert target is not None
         for cell in cells:
             values = np.full(layer.hidden_size, value, dtype=np.float64)
@@ -99,7 +119,7 @@ def plan_chrono(
     rng = np.random.default_rng(seed)
     plan = EditPlan("set-forget-bias", checkpoint.path)
     for layer, cells in _selected(checkpoint, selection, plan, "forget", needs_bias=True):
-        forget, input_gate = find_gate(layer.kind, "forget"), find_gate(layer.kind, "input")
+        forget, input_gate = find_gate(layer.gates, "forget"), find_gate(layer.gates, "input")
         assert forget is not None and input_gate is not None
         for cell in cells:
             draw = np.log(rng.uniform(1.0, t_max - 1.0, size=layer.hidden_size))
@@ -138,7 +158,7 @@ def plan_zero_bias(
         for cell in cells:
             for gate in wanted:
                 zeros = np.zeros(layer.hidden_size)
-                plan.edits += _bias_edits(checkpoint, layer, cell, gate, zeros, "both")
+                plan.edits += _bias_edits(checkpoint, layer, cell, gate, zeros, "effective")
     return _finish(checkpoint, plan)
 
 
@@ -155,13 +175,11 @@ def plan_add_bias(
         if layer.bias:
             plan.skipped.append(f"{layer.display_name}: already has biases")
             continue
-        rows = len(layer.gates) * layer.hidden_size
+        layout = layout_for(layer.framework)
         for cell in layer.cells:
-            bias_ih = layer.parameter_name("bias_ih", cell)
-            bias_hh = layer.parameter_name("bias_hh", cell)
             plan.additions += [
-                TensorAddition(bias_ih, layer.name, layer.dtype, (rows,), cell.weight_hh.name),
-                TensorAddition(bias_hh, layer.name, layer.dtype, (rows,), bias_ih),
+                TensorAddition(new.name, layer.name, layer.dtype, new.shape, new.after)
+                for new in layout.missing_biases(layer, cell)
             ]
     return _finish(checkpoint, plan)
 
@@ -214,7 +232,7 @@ def _selected(
     need_all: bool = True,
     needs_bias: bool = False,
     input_features: int = 0,
-) -> Iterable[tuple[RecurrentLayer, list[CellParams]]]:
+) -> Iterable[tuple[RecurrentLayer, list[Cell]]]:
     """The selected layers that can take an edit, with their selected cells: layers that have
     every gate in `gates` (any of them, without `need_all`), biases if `needs_bias`, and at least
     `input_features` inputs.
@@ -224,10 +242,10 @@ def _selected(
     found = discover(checkpoint)
     layers = select_layers(found.layers, selection.layer_globs)
     if not layers:
-        raise EditError(_nothing_selected(found.layers, selection))
-    chosen: list[tuple[RecurrentLayer, list[CellParams]]] = []
+        raise EditError(nothing_selected(found.layers, selection.layer_globs))
+    chosen: list[tuple[RecurrentLayer, list[Cell]]] = []
     for layer in layers:
-        missing = [gate for gate in gates if find_gate(layer.kind, gate) is None]
+        missing = [gate for gate in gates if find_gate(layer.gates, gate) is None]
         if not need_all and len(missing) < len(gates):
             missing = []
         cells = selection.cells(layer)
@@ -254,57 +272,59 @@ def _selected(
     return chosen
 
 
-def _nothing_selected(layers: list[RecurrentLayer], selection: Selection) -> str:
-    if not layers:
-        return "no recurrent layers found in this checkpoint"
-    names = ", ".join(repr(layer.name) for layer in layers)
-    globs = " ".join(f"--layer {glob!r}" for glob in selection.layer_globs)
-    return f"no recurrent layer matches {globs} (layers: {names})"
-
-
 def _bias_edits(
     checkpoint: Checkpoint,
     layer: RecurrentLayer,
-    cell: CellParams,
+    cell: Cell,
     gate: Gate,
     values: np.ndarray,
     mode: str,
 ) -> list[SliceEdit]:
-    """The slice edits that give `gate` of `cell` the per-unit `values` under `mode`."""
-    assert cell.bias_ih is not None and cell.bias_hh is not None
+    """The edits that give `gate` of `cell` the per-unit `values` under `mode`."""
+    input_bias, recurrent_bias = (cell.region(role, gate.name) for role in BIAS_ROLES)
+    assert input_bias is not None
     zeros = np.zeros_like(values)
-    targets: dict[str, tuple[TensorRef, np.ndarray, bool]] = {
-        "effective": {
-            "bias_ih": (cell.bias_ih, values, False),
-            "bias_hh": (cell.bias_hh, zeros, False),
-        },
-        "both": {
-            "bias_ih": (cell.bias_ih, values, False),
-            "bias_hh": (cell.bias_hh, values, False),
-        },
-        "ih": {"bias_ih": (cell.bias_ih, values, False)},
-        "hh": {"bias_hh": (cell.bias_hh, values, False)},
-        "add": {"bias_ih": (cell.bias_ih, values, True)},
-    }[mode]  # type: ignore[assignment]
+    if recurrent_bias is None:  # one bias per gate: it is what the gate sees
+        if mode not in ("effective", "add"):
+            raise EditError(
+                f"{layer.display_name}: stores one bias per gate; --mode {mode} needs two "
+                "(use effective or add)"
+            )
+        targets = [(BIAS_IH, input_bias, values, mode == "add")]
+    else:
+        targets = {
+            "effective": [
+                (BIAS_IH, input_bias, values, False),
+                (BIAS_HH, recurrent_bias, zeros, False),
+            ],
+            "both": [
+                (BIAS_IH, input_bias, values, False),
+                (BIAS_HH, recurrent_bias, values, False),
+            ],
+            "ih": [(BIAS_IH, input_bias, values, False)],
+            "hh": [(BIAS_HH, recurrent_bias, values, False)],
+            "add": [(BIAS_IH, input_bias, values, True)],
+        }[mode]
     return [
-        _slice_edit(checkpoint, layer, cell, gate, parameter, ref, new, add)
-        for parameter, (ref, new, add) in targets.items()
+        _region_edit(checkpoint, layer, cell, gate.name, role, region, new, add)
+        for role, region, new, add in targets
     ]
 
 
-def _slice_edit(
+def _region_edit(
     checkpoint: Checkpoint,
     layer: RecurrentLayer,
-    cell: CellParams,
-    gate: Gate,
-    parameter: str,
-    ref: TensorRef,
+    cell: Cell,
+    gate: str | None,
+    role: str,
+    region: Region,
     values: np.ndarray,
     add: bool,
 ) -> SliceEdit:
+    """An edit giving `region` the canonical `values` (or adding them to it, with `add`)."""
+    ref = region.tensor
     _require_editable(ref)
-    rows = gate.rows(layer.hidden_size)
-    old_raw = checkpoint.raw(ref)[rows]
+    old_raw = region.raw(checkpoint)
     opmath = compute_dtype(ref.dtype)
     _require_finite(values)
     with np.errstate(over="ignore"):
@@ -314,18 +334,18 @@ def _slice_edit(
     if not np.isfinite(widen(new_raw, ref.dtype)).all():
         raise EditError(f"{ref.name}: the new values overflow {ref.dtype.name}")
     return SliceEdit(
-        tensor=ref.name,
+        region=region,
         layer=layer.name,
         cell_layer=cell.layer,
         direction=cell.direction,
-        parameter=parameter,
-        gate=gate.name,
-        rows=(rows.start, rows.stop),
-        columns=None,
-        new_raw=new_raw,
+        parameter=role,
+        gate=gate,
+        new_raw=np.ascontiguousarray(region.stored(new_raw)),
         before=_summary(old_raw, ref),
         after=_summary(new_raw, ref),
-        changes_anything=not np.array_equal(old_raw.view(np.uint8), new_raw.view(np.uint8)),
+        changes_anything=not np.array_equal(
+            np.ascontiguousarray(old_raw).view(np.uint8), new_raw.view(np.uint8)
+        ),
     )
 
 
@@ -338,28 +358,13 @@ def _added(old_raw: np.ndarray, values: np.ndarray, ref: TensorRef) -> np.ndarra
 
 
 def _zero_columns(
-    checkpoint: Checkpoint, layer: RecurrentLayer, cell: CellParams, columns: tuple[int, ...]
+    checkpoint: Checkpoint, layer: RecurrentLayer, cell: Cell, columns: tuple[int, ...]
 ) -> SliceEdit:
-    ref = cell.weight_ih
-    _require_editable(ref)
-    old_raw = checkpoint.raw(ref)[:, list(columns)]
-    new_raw = round_to(np.zeros(old_raw.shape), ref.dtype)
-    return SliceEdit(
-        tensor=ref.name,
-        layer=layer.name,
-        cell_layer=cell.layer,
-        direction=cell.direction,
-        parameter="weight_ih",
-        gate=None,
-        rows=(0, ref.shape[0]),
-        columns=columns,
-        new_raw=new_raw,
-        before=_summary(old_raw, ref),
-        after=_summary(new_raw, ref),
-        changes_anything=not np.array_equal(
-            np.ascontiguousarray(old_raw).view(np.uint8), new_raw.view(np.uint8)
-        ),
-    )
+    whole = cell.region(WEIGHT_IH)
+    assert whole is not None
+    region = whole.restricted_to_inputs(columns)
+    zeros = np.zeros((len(region.units), len(columns)))
+    return _region_edit(checkpoint, layer, cell, None, WEIGHT_IH, region, zeros, add=False)
 
 
 def _require_finite(values: np.ndarray) -> None:
@@ -379,12 +384,14 @@ def _summary(raw: np.ndarray, ref: TensorRef) -> Summary:
 
 
 def _bias_removals(layer: RecurrentLayer) -> list[TensorRemoval]:
-    return [
-        TensorRemoval(ref.name, layer.name)
+    """Every tensor holding a bias of the layer, once (a tensor may hold several cells' biases)."""
+    names = {
+        region.tensor.name: None
         for cell in layer.cells
-        for ref in (cell.bias_ih, cell.bias_hh)
-        if ref is not None
-    ]
+        for role in BIAS_ROLES
+        if (region := cell.region(role)) is not None
+    }
+    return [TensorRemoval(name, layer.name) for name in names]
 
 
 # --- Finishing a plan: gate effects and notes -------------------------------------------------
@@ -397,42 +404,40 @@ def _finish(checkpoint: Checkpoint, plan: EditPlan) -> EditPlan:
 
 
 def gate_effects(checkpoint: Checkpoint, plan: EditPlan) -> list[GateEffect]:
-    """Effective bias before and after, for every (cell, gate) whose biases the plan edits."""
+    """The bias each gate sees before and after, for every (cell, gate) whose biases the plan edits."""
     layers = {layer.name: layer for layer in discover(checkpoint).layers}
     touched: dict[tuple[str, int, str, str], None] = {}
     for edit in plan.edits:
-        if edit.gate is not None and edit.parameter.startswith("bias"):
+        if edit.gate is not None and edit.parameter in BIAS_ROLES:
             touched[(edit.layer, edit.cell_layer, edit.direction, edit.gate)] = None
     effects = []
     for layer_name, cell_layer, direction, gate_name in touched:
         layer = layers[layer_name]
         cell = next(c for c in layer.cells if (c.layer, c.direction) == (cell_layer, direction))
-        gate = find_gate(layer.kind, gate_name)
-        assert gate is not None and cell.bias_ih is not None and cell.bias_hh is not None
-        before = after = None
-        if gate.biases_sum:
-            before = Summary.of(_gate_sum(checkpoint, cell, gate, layer, []))
-            after = Summary.of(_gate_sum(checkpoint, cell, gate, layer, plan.edits))
+        gate = find_gate(layer.gates, gate_name)
+        assert gate is not None
+        before = _gate_sees(checkpoint, cell, gate, [])
+        after = _gate_sees(checkpoint, cell, gate, plan.edits)
         effects.append(GateEffect(layer_name, cell_layer, direction, gate_name, before, after))
     return effects
 
 
-def _gate_sum(
-    checkpoint: Checkpoint,
-    cell: CellParams,
-    gate: Gate,
-    layer: RecurrentLayer,
-    edits: list[SliceEdit],
-) -> np.ndarray:
-    total = np.zeros(layer.hidden_size)
-    for ref in (cell.bias_ih, cell.bias_hh):
-        assert ref is not None
-        raw = np.array(checkpoint.raw(ref))
-        for edit in edits:
-            if edit.tensor == ref.name and edit.columns is None:
-                raw[edit.rows[0] : edit.rows[1]] = edit.new_raw
-        total += widen(raw, ref.dtype)[gate.rows(layer.hidden_size)]
-    return total
+def _gate_sees(
+    checkpoint: Checkpoint, cell: Cell, gate: Gate, edits: list[SliceEdit]
+) -> Summary | None:
+    """The effective bias of `gate` once `edits` are applied (None for a gate that sums none)."""
+    biases = []
+    for role in BIAS_ROLES:
+        region = cell.region(role, gate.name)
+        if region is None:
+            biases.append(None)
+            continue
+        ref = region.tensor
+        mine = [edit for edit in edits if edit.tensor == ref.name]
+        raw = region.raw_of(edited_copy(checkpoint.raw(ref), mine))
+        biases.append(widen(raw, ref.dtype))
+    effective = effective_bias(gate, *biases)
+    return None if effective is None else Summary.of(effective)
 
 
 def _optimizer_notes(checkpoint: Checkpoint, plan: EditPlan) -> list[str]:

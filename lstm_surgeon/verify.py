@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint
-from lstm_surgeon.discovery import RecurrentLayer, discover, select_layers
-from lstm_surgeon.dtypes import EDITABLE
+from lstm_surgeon.discovery import discover, require_selected
+from lstm_surgeon.dtypes import BY_NAME, EDITABLE
+from lstm_surgeon.gates import activate_array, pre_activation_at_zero
+from lstm_surgeon.layers import BIAS_ROLES, RecurrentLayer
+from lstm_surgeon.layouts.pytorch import gate_rows, module_parameter_name, module_state
 from lstm_surgeon.torch_import import import_torch
 
 SEQUENCE_LENGTH, BATCH = 5, 2
@@ -90,11 +93,9 @@ def verify_checkpoint(
     torch = import_torch("verify")
 
     found = discover(checkpoint)
+    selected = require_selected(found.layers, layer_globs)
     generator = torch.Generator().manual_seed(seed)
-    results = tuple(
-        _verify_layer(checkpoint, layer, torch, generator)
-        for layer in select_layers(found.layers, layer_globs)
-    )
+    results = tuple(_verify_layer(checkpoint, layer, torch, generator) for layer in selected)
     return Verification(str(checkpoint.path), results, tuple(found.warnings))
 
 
@@ -119,18 +120,16 @@ def build_module(layer: RecurrentLayer, torch: Any) -> Any:
 
 def state_dict_for(checkpoint: Checkpoint, layer: RecurrentLayer, torch: Any) -> dict[str, Any]:
     """The layer's tensors as torch tensors, keyed as the module names them, in the file's dtype."""
-    prefix = f"{layer.name}." if layer.name else ""
     state = {}
-    for cell in layer.cells:
-        for ref in cell.tensors():
-            raw = np.ascontiguousarray(checkpoint.raw(ref))
-            dtype = getattr(torch, ref.dtype.name)
-            if ref.dtype.numpy_exact:
-                tensor = torch.from_numpy(raw.copy())
-            else:  # bfloat16 / float8: reinterpret the stored bits
-                signed = raw.view(np.int16 if ref.dtype.itemsize == 2 else np.int8)
-                tensor = torch.from_numpy(signed.copy()).view(dtype)
-            state[ref.name.removeprefix(prefix)] = tensor
+    dtype = BY_NAME[layer.dtype]
+    for name, raw in module_state(checkpoint, layer).items():
+        raw = np.ascontiguousarray(raw)
+        if dtype.numpy_exact:
+            tensor = torch.from_numpy(raw.copy())
+        else:  # bfloat16 / float8: reinterpret the stored bits
+            signed = raw.view(np.int16 if dtype.itemsize == 2 else np.int8)
+            tensor = torch.from_numpy(signed.copy()).view(getattr(torch, dtype.name))
+        state[name] = tensor
     return state
 
 
@@ -148,7 +147,7 @@ def _verify_layer(
     with torch.no_grad():
         output = _forward(module, layer, torch, generator)
     finite = all(bool(torch.isfinite(tensor).all()) for tensor in output)
-    openings = tuple(_openings(module, layer, torch))
+    openings = tuple(_openings(module, layer))
     error = None if finite else "the forward pass produced NaN or Inf"
     return LayerVerification(layer.name, layer.kind, True, finite, error, openings)
 
@@ -175,25 +174,29 @@ def _flatten(value: Any) -> Any:
         yield value
 
 
-def _openings(module: Any, layer: RecurrentLayer, torch: Any) -> list[GateOpening]:
+def _openings(module: Any, layer: RecurrentLayer) -> list[GateOpening]:
     """Each gate's mean output for zero input and zero state, from the loaded module's parameters
-    (which rows are which gate comes from `gates`, checked against torch's forward by the tests)."""
+    (read back from torch, so a bias torch did not load as expected shows here)."""
     openings = []
-    hidden = layer.hidden_size
-    prefix = f"{layer.name}." if layer.name else ""
     for cell in layer.cells if layer.bias else ():
-        b_ih, b_hh = (
-            getattr(module, layer.parameter_name(name, cell).removeprefix(prefix)).detach().double()
-            for name in ("bias_ih", "bias_hh")
-        )
+        biases_of = {
+            role: getattr(module, module_parameter_name(layer, role, cell))
+            .detach()
+            .double()
+            .numpy()
+            for role in BIAS_ROLES
+        }
+        biases = {
+            gate.name: tuple(biases_of[role][_rows(position, layer)] for role in BIAS_ROLES)
+            for position, gate in enumerate(layer.gates)
+        }
         for gate in layer.gates:
-            rows = gate.rows(hidden)
-            if gate.biases_sum:
-                pre = b_ih[rows] + b_hh[rows]
-            else:  # GRU new gate: n = tanh(b_in + r * b_hn) with r = sigmoid(b_ir + b_hr)
-                reset = layer.gates[0].rows(hidden)
-                pre = b_ih[rows] + torch.sigmoid(b_ih[reset] + b_hh[reset]) * b_hh[rows]
-            value = torch.sigmoid(pre) if gate.activation == "sigmoid" else torch.tanh(pre)
-            mean = float(value.mean())
+            pre = pre_activation_at_zero(layer.gates, gate, biases, layer.hidden_size)
+            mean = float(activate_array(gate.activation, pre).mean())
             openings.append(GateOpening(cell.layer, cell.direction, gate.name, mean))
     return openings
+
+
+def _rows(position: int, layer: RecurrentLayer) -> slice:
+    rows = gate_rows(position, layer.hidden_size)
+    return slice(rows.start, rows.stop)

@@ -15,6 +15,7 @@ from torch import nn
 
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.layouts import pytorch as pytorch_layout
 
 PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -64,12 +65,12 @@ def assert_layer_is_module(checkpoint: Any, layer: Any, module: nn.Module) -> No
             else f"_l{cell.layer}" + ("_reverse" * (cell.direction == "reverse"))
         )
         for parameter in PARAMETERS:
-            ref = getattr(cell, parameter)
+            ref = cell.tensor(parameter)
             key = f"{parameter}{suffix}"
             if ref is None:
                 assert key not in expected
                 continue
-            assert ref.name == layer.parameter_name(parameter, cell)
+            assert ref.name == pytorch_layout.tensor_name(layer, parameter, cell)
             assert ref.name == (f"{layer.name}.{key}" if layer.name else key)
             np.testing.assert_array_equal(
                 checkpoint.values(ref), expected[key].to(torch.float64).numpy(), err_msg=ref.name
