@@ -83,19 +83,30 @@ def gate_rows(position: int, hidden_size: int) -> range:
 
 def module_state(checkpoint: Checkpoint, layer: RecurrentLayer) -> dict[str, np.ndarray]:
     """The layer's parameters as torch's module names and lays them out (stored elements, gates
-    stacked in canonical order), gathered through the regions of whatever layout found it."""
+    stacked in canonical order), gathered through the regions of whatever layout found it. A layout
+    with one bias per gate gives `bias_ih` that bias and `bias_hh` zeros: the gate sees the same."""
     state = {}
     for cell in layer.cells:
-        for (role, gate), whole in cell.regions.items():
-            if gate is not None:
-                continue
-            parts = [cell.region(role, g.name) for g in layer.gates]
-            if all(part is not None for part in parts):
-                raw = np.concatenate([part.raw(checkpoint) for part in parts])  # type: ignore[union-attr]
-            else:
-                raw = whole.raw(checkpoint)
-            state[module_parameter_name(layer, role, cell)] = raw
+        for role in ROLE_ORDER:
+            raw = _module_parameter(checkpoint, layer, cell, role)
+            if raw is None and role == BIAS_HH and layer.bias:
+                raw = np.zeros_like(state[module_parameter_name(layer, BIAS_IH, cell)])
+            if raw is not None:
+                state[module_parameter_name(layer, role, cell)] = raw
     return state
+
+
+def _module_parameter(
+    checkpoint: Checkpoint, layer: RecurrentLayer, cell: Cell, role: str
+) -> np.ndarray | None:
+    """One parameter's stored elements in PyTorch's layout, or None when the cell has no such role."""
+    whole = cell.region(role)
+    if whole is None:
+        return None
+    if role not in GATED_ROLES:
+        return whole.raw(checkpoint)
+    parts = [cell.region(role, gate.name) for gate in layer.gates]
+    return np.concatenate([part.raw(checkpoint) for part in parts if part is not None])
 
 
 def cell_regions(
