@@ -33,7 +33,7 @@ class NoLayerSelected(SurgeonError):
 
 def discover(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) -> Discovery:
     """Every recurrent layer of the checkpoint (those whose name matches a glob, if globs are given)."""
-    found = find_layers(checkpoint.tensors)
+    found = find_layers(checkpoint)
     return Discovery(select_layers(found.layers, layer_globs), found.warnings)
 
 

@@ -9,7 +9,6 @@ loaded from `module_state`, never against the regions' own slicing.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch import nn
 
 from lstm_surgeon import layouts
 from lstm_surgeon.apply import Destination, edit_checkpoint
-from lstm_surgeon.checkpoint import TensorRef
+from lstm_surgeon.checkpoint import Checkpoint, TensorRef
 from lstm_surgeon.diff import diff_checkpoints
 from lstm_surgeon.discovery import NoLayerSelected, discover
 from lstm_surgeon.errors import EditError
@@ -44,8 +43,8 @@ class TransposedOneBiasLayout:
 
     framework = "transposed"
 
-    def find_layers(self, tensors: Mapping[str, TensorRef]) -> Found:
-        found = Found()
+    def find_layers(self, checkpoint: Checkpoint) -> Found:
+        found, tensors = Found(), checkpoint.tensors
         for name, kernel in tensors.items():
             if not name.endswith("/kernel"):
                 continue

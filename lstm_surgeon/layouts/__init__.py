@@ -9,12 +9,11 @@ Adding a layout means one new module with the same verbs and one line in `_layou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from lstm_surgeon.checkpoint import TensorRef
+    from lstm_surgeon.checkpoint import Checkpoint
     from lstm_surgeon.layers import Cell, RecurrentLayer
 
 
@@ -41,8 +40,9 @@ class Layout(Protocol):
 
     framework: str
 
-    def find_layers(self, tensors: Mapping[str, TensorRef]) -> Found:
-        """Every recurrent layer among `tensors` (by names *and* shapes), in file order."""
+    def find_layers(self, checkpoint: Checkpoint) -> Found:
+        """Every recurrent layer of this framework in the checkpoint (found by names *and* shapes,
+        or by the operators of a model graph), in file order."""
 
     def missing_biases(self, layer: RecurrentLayer, cell: Cell) -> list[NewTensor]:
         """The zero bias tensors that make a bias-free cell load into a `bias=True` module."""
@@ -59,11 +59,11 @@ def layout_for(framework: str) -> Layout:
     return next(layout for layout in _layouts() if layout.framework == framework)
 
 
-def find_layers(tensors: Mapping[str, TensorRef]) -> Found:
-    """The layers every registered layout finds among `tensors`."""
+def find_layers(checkpoint: Checkpoint) -> Found:
+    """The layers every registered layout finds in the checkpoint."""
     found = Found()
     for layout in _layouts():
-        result = layout.find_layers(tensors)
+        result = layout.find_layers(checkpoint)
         found.layers += result.layers
         found.warnings += result.warnings
     return found

@@ -9,7 +9,7 @@ layer's parameters carry an `_l{k}` (and `_reverse`) suffix, a cell's carry none
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +42,9 @@ class ShapeMismatch(Exception):
 class PyTorchLayout:
     framework = "pytorch"
 
-    def find_layers(self, tensors: Mapping[str, TensorRef]) -> Found:
+    def find_layers(self, checkpoint: Checkpoint) -> Found:
         found = Found()
-        for module, parameters in _group_by_module(tensors.values()).items():
+        for module, parameters in _group_by_module(checkpoint.tensors.values()).items():
             try:
                 layer = _layer_from(module, parameters)
             except ShapeMismatch as mismatch:
