@@ -2,7 +2,9 @@
 
 This is the one command that needs torch: it builds `nn.LSTM`/`nn.GRU`/... from the discovered
 configuration, loads the tensors with `load_state_dict(strict=True)` in the file's dtype, and runs a
-forward pass on random input (in float32, since CPU kernels for half types are incomplete).
+forward pass on random input (in float32, since CPU kernels for half types are incomplete). A layer
+stored in another framework's layout is loaded through `layouts.pytorch.module_state`, and also run by
+its own framework's runtime (`runtimes/`) on the same input: the two outputs must agree.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from lstm_surgeon.dtypes import BY_NAME, EDITABLE
 from lstm_surgeon.gates import activate_array, pre_activation_at_zero
 from lstm_surgeon.layers import BIAS_ROLES, RecurrentLayer
 from lstm_surgeon.layouts.pytorch import gate_rows, module_parameter_name, module_state
+from lstm_surgeon.runtimes import runtime_for
 from lstm_surgeon.torch_import import import_torch
 
 SEQUENCE_LENGTH, BATCH = 5, 2
+RUNTIME_TOLERANCE = 1e-4  # float32 kernels of two frameworks on a short sequence agree far closer
 
 
 @dataclass(frozen=True)
@@ -50,20 +54,25 @@ class LayerVerification:
     finite: bool
     error: str | None
     openings: tuple[GateOpening, ...] = ()
+    framework: str = "pytorch"
+    runtime_max_abs_diff: float | None = None  # against the layer's own framework, where not torch
 
     @property
     def ok(self) -> bool:
-        return self.loaded and self.finite
+        within = self.runtime_max_abs_diff is None or self.runtime_max_abs_diff <= RUNTIME_TOLERANCE
+        return self.loaded and self.finite and within
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "framework": self.framework,
             "kind": self.kind,
             "ok": self.ok,
             "loaded": self.loaded,
             "finite": self.finite,
             "error": self.error,
             "openings": [opening.to_dict() for opening in self.openings],
+            "runtime_max_abs_diff": self.runtime_max_abs_diff,
         }
 
 
@@ -144,26 +153,40 @@ def _verify_layer(
     except (RuntimeError, TypeError, ValueError) as error:
         return _failed(layer, " ".join(str(error).strip().splitlines()[:3]))
     module = module.float()
+    inputs = _inputs(layer, torch, generator)
     with torch.no_grad():
-        output = _forward(module, layer, torch, generator)
+        result = module(inputs)
+    output = list(_flatten(result))
     finite = all(bool(torch.isfinite(tensor).all()) for tensor in output)
     openings = tuple(_openings(module, layer))
+    difference = _runtime_difference(checkpoint, layer, inputs, output[0])
     error = None if finite else "the forward pass produced NaN or Inf"
-    return LayerVerification(layer.name, layer.kind, True, finite, error, openings)
+    if error is None and difference is not None and difference > RUNTIME_TOLERANCE:
+        error = f"{layer.framework} computes other outputs than torch (max |diff| {difference:.3g})"
+    return LayerVerification(
+        layer.name, layer.kind, True, finite, error, openings, layer.framework, difference
+    )
 
 
 def _failed(layer: RecurrentLayer, error: str) -> LayerVerification:
     return LayerVerification(layer.name, layer.kind, False, False, error)
 
 
-def _forward(module: Any, layer: RecurrentLayer, torch: Any, generator: Any) -> list[Any]:
-    if layer.is_cell:
-        inputs = torch.randn(BATCH, layer.input_size, generator=generator)
-        result = module(inputs)
-    else:
-        inputs = torch.randn(SEQUENCE_LENGTH, BATCH, layer.input_size, generator=generator)
-        result = module(inputs)
-    return list(_flatten(result))
+def _inputs(layer: RecurrentLayer, torch: Any, generator: Any) -> Any:
+    """Random input: (batch, features) for a cell, (sequence, batch, features) for a layer."""
+    shape = (BATCH,) if layer.is_cell else (SEQUENCE_LENGTH, BATCH)
+    return torch.randn(*shape, layer.input_size, generator=generator)
+
+
+def _runtime_difference(
+    checkpoint: Checkpoint, layer: RecurrentLayer, inputs: Any, output: Any
+) -> float | None:
+    """The largest |difference| between torch's output and the layer's own framework's, run on
+    the same input (None for PyTorch's own layout: torch is its runtime)."""
+    runtime = runtime_for(layer.framework)
+    if runtime is None:
+        return None
+    return runtime.max_abs_difference(checkpoint, layer, inputs.numpy(), output.numpy())
 
 
 def _flatten(value: Any) -> Any:
