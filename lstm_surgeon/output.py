@@ -103,5 +103,12 @@ class Output:
     def note(self, message: str) -> None:
         self.stderr.print(Text(clean(message), style="dim"))
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, exit_code: int) -> None:
+        """The one error line on stderr, and in JSON mode the error object on stdout."""
         self.stderr.print(Text(f"lstm-surgeon: error: {clean(message)}", style="red"))
+        self.error_document(message, exit_code)
+
+    def error_document(self, message: str, exit_code: int) -> None:
+        """In JSON mode, `{"error": {"message": ..., "exit_code": ...}}` on stdout: a failed run
+        still gives a script that parses stdout one object, with the code the process exits with."""
+        self.data({"error": {"message": message, "exit_code": exit_code}})
