@@ -1,7 +1,8 @@
 """The `lstm-surgeon` command: parses options, calls the library, renders. No logic lives here.
 
 Errors from the library (`SurgeonError`) become one line on stderr and an exit code, in one place
-(`_command`); `--debug` (or LSTM_SURGEON_DEBUG=1) shows the traceback instead.
+(`_command`); `--debug` (or LSTM_SURGEON_DEBUG=1) shows the traceback instead. Under `--json` every
+failure, option-parsing errors included, also prints `{"error": {"message", "exit_code"}}` on stdout.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _command(function: F) -> F:
         except SurgeonError as error:
             if _debug["on"]:
                 raise
-            _fail(str(error), error.exit_code, kwargs["json"])
+            _fail(str(error), error.exit_code, kwargs.get("json", False))
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
@@ -158,7 +159,7 @@ def _command(function: F) -> F:
             message = (
                 f"internal error ({type(error).__name__}: {error}); rerun with --debug to see where"
             )
-            _fail(message, INTERNAL_ERROR, kwargs["json"])
+            _fail(message, INTERNAL_ERROR, kwargs.get("json", False))
 
     return wrapper  # type: ignore[return-value]
 
