@@ -60,6 +60,11 @@ def describe_zip(names: Iterable[str]) -> str | None:
     return None
 
 
+def starts_with(magic: bytes) -> Callable[[Buffer], bool]:
+    """A test for files that open with `magic`."""
+    return lambda buffer: buffer[: len(magic)] == magic
+
+
 def is_hdf5(buffer: Buffer) -> bool:
     """HDF5's signature, at offset 0 or after a user block (512 bytes, or a power of two above)."""
     offset = 0
@@ -71,8 +76,8 @@ def is_hdf5(buffer: Buffer) -> bool:
 
 
 def is_plain_pickle(buffer: Buffer) -> bool:
-    """A pickle of protocol 2 or later that ends with its STOP opcode (torch.save's pre-1.6 files,
-    pickles too, are recognised by the torch format module before this is asked)."""
+    """A pickle of protocol 2 or later that ends with its STOP opcode. (Pre-1.6 torch.save files are
+    pickles too, but the torch format module claims them first and says how to re-save them.)"""
     return (
         len(buffer) >= 3
         and buffer[0] == 0x80
@@ -123,9 +128,9 @@ def _varint(buffer: Buffer, position: int) -> tuple[int | None, int]:
 
 
 SIGNATURES: tuple[tuple[Callable[[Buffer], bool], str], ...] = (
-    (lambda buffer: buffer[: len(NPY_MAGIC)] == NPY_MAGIC, "a numpy array file (.npy, np.save)"),
+    (starts_with(NPY_MAGIC), "a numpy array file (.npy, np.save)"),
     (is_hdf5, "an HDF5 file (such as a Keras .h5 model)"),
-    (lambda buffer: buffer[: len(GGUF_MAGIC)] == GGUF_MAGIC, "a GGUF file (llama.cpp)"),
+    (starts_with(GGUF_MAGIC), "a GGUF file (llama.cpp)"),
     (is_plain_pickle, "a plain pickle file (pickle.dump)"),
     (is_onnx_model, "an ONNX model (protobuf)"),
 )
