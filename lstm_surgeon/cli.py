@@ -1,52 +1,76 @@
 """The `lstm-surgeon` command: parses options, calls the library, renders. No logic lives here.
 
 Errors from the library (`SurgeonError`) become one line on stderr and an exit code, in one place
-(`_command`); `--debug` (or LSTM_SURGEON_DEBUG=1) shows the traceback instead.
+(`_command`); `--debug` (or LSTM_SURGEON_DEBUG=1) shows the traceback instead. Under `--json` every
+failure, option-parsing errors included, also prints `{"error": {"message", "exit_code"}}` on stdout.
 """
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer._click.exceptions import UsageError  # typer bundles click and names it nowhere public
+from typer.core import TyperGroup
 
 from lstm_surgeon import __version__
 from lstm_surgeon.errors import EditError, Interrupted, SurgeonError
+from lstm_surgeon.vocabulary import Direction, Mode
+
+F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR = 3
+JSON_REQUESTED = "lstm_surgeon.json"  # key in click's ctx.meta: --json was on the command line
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    """Whether the raw arguments hold `--json` as an option (not after `--`), read before parsing so
+    that a parsing error can still be reported as JSON."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--json" in options
+
+
+@contextlib.contextmanager
+def _usage_errors_as_json(ctx: typer.Context) -> Iterator[None]:
+    """Under --json, an option-parsing error also prints the JSON error object on stdout; typer
+    still prints its usage message on stderr and exits 2."""
+    try:
+        yield
+    except UsageError as error:
+        if ctx.meta.get(JSON_REQUESTED):
+            _output(json_mode=True).error_document(error.format_message(), error.exit_code)
+        raise
+
+
+class SurgeonGroup(TyperGroup):
+    """The `lstm-surgeon` command group: typer's, plus JSON error objects for parsing errors."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[JSON_REQUESTED] = _asks_for_json(args)
+        with _usage_errors_as_json(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _usage_errors_as_json(ctx):
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="lstm-surgeon",
     help="Inspect and edit the LSTM, GRU and RNN layers inside saved PyTorch checkpoints "
     "(torch.save .pt files and .safetensors), without the training code.",
     no_args_is_help=True,
+    cls=SurgeonGroup,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rich-formatted help costs ~100 ms per call
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-INTERNAL_ERROR = 3
-
-
-class Direction(str, enum.Enum):
-    forward = "forward"
-    reverse = "reverse"
-
-
-class Mode(str, enum.Enum):
-    effective = "effective"
-    both = "both"
-    ih = "ih"
-    hh = "hh"
-    add = "add"
-
 
 _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
@@ -113,7 +137,8 @@ def _output(json_mode: bool = False) -> Any:
 
 
 def _command(function: F) -> F:
-    """Turn library errors and Ctrl-C into one stderr line and an exit code."""
+    """Turn library errors and Ctrl-C into one stderr line and an exit code (and, under --json, the
+    JSON error object on stdout, so a script that parses stdout always gets one object)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -125,19 +150,24 @@ def _command(function: F) -> F:
         except SurgeonError as error:
             if _debug["on"]:
                 raise
-            _output().error(str(error))
-            raise typer.Exit(error.exit_code) from None
+            _fail(str(error), error.exit_code, kwargs.get("json", False))
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
             if _debug["on"]:
                 raise
-            _output().error(
+            message = (
                 f"internal error ({type(error).__name__}: {error}); rerun with --debug to see where"
             )
-            raise typer.Exit(INTERNAL_ERROR) from None
+            _fail(message, INTERNAL_ERROR, kwargs.get("json", False))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, exit_code: int, json_mode: bool) -> NoReturn:
+    """Report a failure through the output sink and end the command with `exit_code`."""
+    _output(json_mode).error(message, exit_code)
+    raise typer.Exit(exit_code) from None
 
 
 def _version(value: bool) -> None:
@@ -182,9 +212,10 @@ def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = F
     out.data(inspection.to_dict())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EditOptions:
-    """The options every editing command shares."""
+    """The options every editing command shares (each command declares them with the aliases above,
+    in this order, and passes them on as one record)."""
 
     output: Path | None
     in_place: bool
@@ -196,48 +227,12 @@ class EditOptions:
     fsync: bool
 
 
-EDIT_OPTIONS: Any = None  # placeholder default: `_edit_options` passes the real EditOptions
-
-
-def _edit_options(function: F) -> F:
-    """Give an editing command the options every editing command shares (-o, --in-place, --force,
-    --dry-run, --yes, --json, --backup, --fsync), declared once here; it receives them as
-    `options: EditOptions`."""
-    shared = [
-        Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-        for name, kind, default in (
-            ("output", OutputOpt, None),
-            ("in_place", InPlaceOpt, False),
-            ("force", ForceOpt, False),
-            ("dry_run", DryRunOpt, False),
-            ("yes", YesOpt, False),
-            ("json", JsonOpt, False),
-            ("backup", BackupOpt, False),
-            ("fsync", FsyncOpt, False),
-        )
-    ]
-    own = signature(function, eval_str=True)
-    parameters = [p for p in own.parameters.values() if p.name != "options"] + shared
-    names = [parameter.name for parameter in shared]
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        options = EditOptions(*(kwargs.pop(name) for name in names))
-        return function(*args, **kwargs, options=options)
-
-    wrapper.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-    return wrapper  # type: ignore[return-value]
-
-
 def _selection(
-    layer: list[str] | None, sublayer: list[int] | None = None, direction: Any = None
+    layer: list[str] | None, sublayer: list[int] | None = None, direction: Direction | None = None
 ) -> Any:
     from lstm_surgeon.surgery import Selection
 
-    return Selection(
-        tuple(layer or ()), tuple(sublayer or ()), (direction.value,) if direction else ()
-    )
+    return Selection(tuple(layer or ()), tuple(sublayer or ()), (direction,) if direction else ())
 
 
 def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions) -> None:
@@ -292,7 +287,6 @@ def _confirmed(options: EditOptions, plan: Any) -> bool:
 
 @app.command("set-forget-bias")
 @_command
-@_edit_options
 def set_forget_bias(
     checkpoint: CheckpointArg,
     value: Annotated[
@@ -305,11 +299,18 @@ def set_forget_bias(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for --chrono.")] = None,
-    mode: ModeOpt = Mode.effective,
+    mode: ModeOpt = "effective",
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    options: EditOptions = EDIT_OPTIONS,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
@@ -326,16 +327,25 @@ def set_forget_bias(
     if chrono is None and seed is not None:
         raise EditError("--seed goes with --chrono")
     if chrono is not None:
-        planner = lambda ck: plan_chrono(ck, chrono, seed, mode.value, selection)  # noqa: E731
+        planner = lambda ck: plan_chrono(ck, chrono, seed, mode, selection)  # noqa: E731
     else:
         bias = 1.0 if value is None else value
-        planner = lambda ck: plan_set_forget_bias(ck, bias, mode.value, selection)  # noqa: E731
+        planner = lambda ck: plan_set_forget_bias(ck, bias, mode, selection)  # noqa: E731
+    options = EditOptions(
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        yes=yes,
+        json=json,
+        backup=backup,
+        fsync=fsync,
+    )
     _edit(checkpoint, planner, options)
 
 
 @app.command("set-gate-bias")
 @_command
-@_edit_options
 def set_gate_bias(
     checkpoint: CheckpointArg,
     gate: Annotated[
@@ -348,11 +358,18 @@ def set_gate_bias(
         ),
     ],
     value: Annotated[float, typer.Option("--value", help="The bias V.")],
-    mode: ModeOpt = Mode.effective,
+    mode: ModeOpt = "effective",
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    options: EditOptions = EDIT_OPTIONS,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
@@ -364,16 +381,25 @@ def set_gate_bias(
     from lstm_surgeon.surgery import plan_set_gate_bias
 
     selection = _selection(layer, sublayer, direction)
+    options = EditOptions(
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        yes=yes,
+        json=json,
+        backup=backup,
+        fsync=fsync,
+    )
     _edit(
         checkpoint,
-        lambda ck: plan_set_gate_bias(ck, gate, value, mode.value, selection),
+        lambda ck: plan_set_gate_bias(ck, gate, value, mode, selection),
         options,
     )
 
 
 @app.command("zero-bias")
 @_command
-@_edit_options
 def zero_bias(
     checkpoint: CheckpointArg,
     gate: Annotated[
@@ -387,7 +413,14 @@ def zero_bias(
     layer: LayerOpt = None,
     sublayer: SublayerOpt = None,
     direction: DirectionOpt = None,
-    options: EditOptions = EDIT_OPTIONS,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
@@ -399,6 +432,16 @@ def zero_bias(
     from lstm_surgeon.surgery import plan_zero_bias
 
     selection = _selection(layer, sublayer, direction)
+    options = EditOptions(
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        yes=yes,
+        json=json,
+        backup=backup,
+        fsync=fsync,
+    )
     _edit(
         checkpoint,
         lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
@@ -408,12 +451,18 @@ def zero_bias(
 
 @app.command("add-bias")
 @_command
-@_edit_options
 def add_bias(
     checkpoint: CheckpointArg,
     drop_optimizer_state: DropOptimizerOpt = False,
     layer: LayerOpt = None,
-    options: EditOptions = EDIT_OPTIONS,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
@@ -425,6 +474,16 @@ def add_bias(
     from lstm_surgeon.surgery import plan_add_bias
 
     selection = _selection(layer)
+    options = EditOptions(
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        yes=yes,
+        json=json,
+        backup=backup,
+        fsync=fsync,
+    )
     _edit(
         checkpoint,
         lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
@@ -434,7 +493,6 @@ def add_bias(
 
 @app.command("zero-input")
 @_command
-@_edit_options
 def zero_input(
     checkpoint: CheckpointArg,
     features: Annotated[
@@ -445,7 +503,14 @@ def zero_input(
     ],
     layer: LayerOpt = None,
     direction: DirectionOpt = None,
-    options: EditOptions = EDIT_OPTIONS,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    json: JsonOpt = False,
+    backup: BackupOpt = False,
+    fsync: FsyncOpt = False,
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
@@ -458,6 +523,16 @@ def zero_input(
 
     indices = parse_features(features)
     selection = _selection(layer, None, direction)
+    options = EditOptions(
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        yes=yes,
+        json=json,
+        backup=backup,
+        fsync=fsync,
+    )
     _edit(
         checkpoint,
         lambda ck: plan_zero_input(ck, indices, selection),

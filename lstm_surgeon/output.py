@@ -1,8 +1,9 @@
 """One output sink with a human mode (rich, stdout) and a JSON mode; hints and errors go to stderr.
 
-Colour follows rich's rules: off when `NO_COLOR` is set or the stream is not a terminal. Names read from
-files are printed as plain `Text` with control characters escaped, so a tensor name cannot inject markup or
-terminal escape codes.
+Colour follows rich's rules: off when `NO_COLOR` is set or the stream is not a terminal. Output that is
+not a terminal has no width to wrap at: tables are laid out at $COLUMNS (or 120) and lines of text are
+printed whole. Names read from files are printed as plain `Text` with control characters escaped, so a
+tensor name cannot inject markup or terminal escape codes.
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ class Output:
 
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        width = None if sys.stdout.isatty() else _columns()
-        self.stdout = Console(highlight=False, width=width)
+        terminal = sys.stdout.isatty()
+        # Not a terminal: tables get a fixed width, and lines of text (notes, titles) are printed
+        # whole, never wrapped mid-sentence at that width (soft_wrap).
+        self.stdout = Console(
+            highlight=False, width=None if terminal else _columns(), soft_wrap=not terminal
+        )
         self.stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def show(self, *renderables: RenderableType) -> None:
@@ -103,5 +108,12 @@ class Output:
     def note(self, message: str) -> None:
         self.stderr.print(Text(clean(message), style="dim"))
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, exit_code: int) -> None:
+        """The one error line on stderr, and in JSON mode the error object on stdout."""
         self.stderr.print(Text(f"lstm-surgeon: error: {clean(message)}", style="red"))
+        self.error_document(message, exit_code)
+
+    def error_document(self, message: str, exit_code: int) -> None:
+        """In JSON mode, `{"error": {"message": ..., "exit_code": ...}}` on stdout: a failed run
+        still gives a script that parses stdout one object, with the code the process exits with."""
+        self.data({"error": {"message": message, "exit_code": exit_code}})

@@ -122,15 +122,16 @@ def inspection_view(inspection: Inspection) -> RenderableType:
             parts.append(Text(f"  {note}", style="dim"))
     if not inspection.layers:
         parts.append(Text("no recurrent layers found", style="yellow"))
-    parts.append(Text())
-    parts.append(
-        Text(
-            f"{inspection.other_tensor_count} other tensor"
-            f"{'s' if inspection.other_tensor_count != 1 else ''} "
-            f"({human_size(inspection.other_tensor_bytes)}) not recurrent",
-            style="dim",
+    if inspection.other_tensor_count:
+        parts.append(Text())
+        parts.append(
+            Text(
+                f"{inspection.other_tensor_count} other tensor"
+                f"{'s' if inspection.other_tensor_count != 1 else ''} "
+                f"({human_size(inspection.other_tensor_bytes)}) not recurrent",
+                style="dim",
+            )
         )
-    )
     return Group(*parts)
 
 

@@ -21,7 +21,7 @@ import typer
 from conftest import TorchReference
 from safetensors.torch import save_file
 
-from lstm_surgeon import __version__
+from lstm_surgeon import __version__, vocabulary
 from lstm_surgeon.cli import app
 
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
@@ -510,3 +510,26 @@ def test_set_forget_bias_refuses_options_that_would_be_ignored(
     assert result.exit_code == 2
     assert result.stderr.startswith("lstm-surgeon: error:")
     assert not (tmp_path / "o.pt").exists()
+
+
+# --- The vocabulary: the command line offers exactly the library's words ------------------------
+
+
+@pytest.mark.parametrize("mode", vocabulary.MODES)
+def test_every_mode_of_the_vocabulary_is_accepted(run_cli, fixtures_dir, mode):
+    """The command line offers the vocabulary's modes, and the library plans each of them."""
+    args = ["set-forget-bias", fixtures_dir / "double.pt", "--mode", mode, "--dry-run", "--json"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    edits = json.loads(result.stdout)["plan"]["edits"]
+    assert {edit["gate"] for edit in edits} == {"forget"}
+
+
+@pytest.mark.parametrize("direction", vocabulary.DIRECTIONS)
+def test_direction_selects_those_cells_only(run_cli, fixtures_dir, direction):
+    args = ["set-forget-bias", fixtures_dir / "double.pt", "--direction", direction, "--dry-run"]
+    result = run_cli(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    edits = json.loads(result.stdout)["plan"]["edits"]
+    assert edits
+    assert {edit["cell"]["direction"] for edit in edits} == {direction}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from lstm_surgeon.errors import CheckpointError
+from lstm_surgeon.formats.identify import unreadable_message
 
 if TYPE_CHECKING:
     from lstm_surgeon.checkpoint import Checkpoint, OutputTensor
@@ -85,10 +86,9 @@ def open_checkpoint(path: str | os.PathLike[str], recover: bool = True) -> Check
             except BaseException:
                 _close(buffer)
                 raise
+    message = unreadable_message(path, buffer)
     _close(buffer)
-    raise CheckpointError(
-        f"{path}: not a checkpoint lstm-surgeon can read (expected a torch.save zip file or safetensors)"
-    )
+    raise CheckpointError(message)
 
 
 def _map_file(path: Path) -> mmap.mmap | bytes:

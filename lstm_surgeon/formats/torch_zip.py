@@ -29,6 +29,7 @@ from lstm_surgeon.checkpoint import (
 )
 from lstm_surgeon.dtypes import DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
+from lstm_surgeon.formats.identify import unreadable_zip_message
 from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
 from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored
 from lstm_surgeon.torch_import import import_torch
@@ -61,7 +62,7 @@ class TorchZipFormat:
         if bytes(buffer[: len(LEGACY_MAGIC)]) == LEGACY_MAGIC:
             raise UnsupportedCheckpointError(
                 f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
-                "(torch.save(torch.load(path, weights_only=True), new_path)) and try again"
+                '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) and try again'
             )
         with open(path, "rb") as file:
             records = read_records(path, buffer, lambda at, size: os.pread(file.fileno(), size, at))
@@ -141,7 +142,7 @@ def _archive_prefix(path: Path, records: dict[str, ZipRecord]) -> str:
             f"{path}: a TorchScript archive (torch.jit.save); lstm-surgeon reads torch.save files"
         )
     if len(pickles) != 1:
-        raise CheckpointError(f"{path}: a zip file, but not a torch.save checkpoint (no data.pkl)")
+        raise CheckpointError(unreadable_zip_message(path, names))
     return pickles[0][: -len("data.pkl")]
 
 
