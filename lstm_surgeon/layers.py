@@ -29,7 +29,6 @@ WEIGHT_IH, WEIGHT_HH, BIAS_IH, BIAS_HH, PROJECTION = (
 )
 GATED_ROLES = (WEIGHT_IH, WEIGHT_HH, BIAS_IH, BIAS_HH)
 BIAS_ROLES = (BIAS_IH, BIAS_HH)
-FORWARD, REVERSE = "forward", "reverse"
 
 IndexPart = int | range | tuple[int, ...]
 """One dimension of a region's index: a fixed position, a range, or a list of positions."""

@@ -43,8 +43,7 @@ from lstm_surgeon.plan import (
     edited_copy,
 )
 from lstm_surgeon.stats import Summary
-
-MODES = ("effective", "both", "ih", "hh", "add")
+from lstm_surgeon.vocabulary import MODES
 
 
 @dataclass(frozen=True)

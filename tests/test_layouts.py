@@ -27,11 +27,12 @@ from lstm_surgeon.errors import EditError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.gates import gates_of
 from lstm_surgeon.inspection import inspect_checkpoint
-from lstm_surgeon.layers import BIAS_IH, FORWARD, WEIGHT_HH, WEIGHT_IH, Cell, RecurrentLayer, Region
+from lstm_surgeon.layers import BIAS_IH, WEIGHT_HH, WEIGHT_IH, Cell, RecurrentLayer, Region
 from lstm_surgeon.layouts import Found, NewTensor
 from lstm_surgeon.layouts.pytorch import module_state
 from lstm_surgeon.surgery import plan_set_forget_bias, plan_set_gate_bias, plan_zero_input
 from lstm_surgeon.verify import verify_checkpoint
+from lstm_surgeon.vocabulary import FORWARD
 
 STORED_ORDER = ("input", "output", "forget", "cell")  # ONNX's LSTM order
 TORCH_BLOCK = {"input": 0, "forget": 1, "cell": 2, "output": 3}  # PyTorch's rows, per gate

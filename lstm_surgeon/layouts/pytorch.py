@@ -19,10 +19,8 @@ from lstm_surgeon.gates import FAMILY_BY_GATE_COUNT, Gate, gates_of
 from lstm_surgeon.layers import (
     BIAS_HH,
     BIAS_IH,
-    FORWARD,
     GATED_ROLES,
     PROJECTION,
-    REVERSE,
     WEIGHT_HH,
     WEIGHT_IH,
     Cell,
@@ -30,6 +28,7 @@ from lstm_surgeon.layers import (
     Region,
 )
 from lstm_surgeon.layouts import Found, NewTensor
+from lstm_surgeon.vocabulary import FORWARD, REVERSE
 
 PARAMETER = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(\d+)(_reverse)?)?$")
 ROLE_ORDER = (WEIGHT_IH, WEIGHT_HH, BIAS_IH, BIAS_HH, PROJECTION)  # as nn.LSTM registers them
