@@ -536,12 +536,11 @@ def _kind_of(container: Any) -> str:
 
 def _insert_after(parent: dict[Any, Any], anchor: Any, key: Any, value: Any) -> None:
     """Set `parent[key] = value` right after `anchor` (at the end when there is none)."""
-    keys = list(parent)
-    if anchor is None or anchor not in parent or keys[-1] == anchor:
-        parent[key] = value
+    if anchor is None or anchor not in parent or next(reversed(parent)) == anchor:
+        parent[key] = value  # appending: no reordering (a conversion adds every tensor this way)
         return
     items = list(parent.items())
-    index = keys.index(anchor) + 1
+    index = list(parent).index(anchor) + 1
     parent.clear()  # an OrderedDict keeps its attributes (a state dict's `_metadata`)
     parent.update([*items[:index], (key, value), *items[index:]])
 
