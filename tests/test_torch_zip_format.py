@@ -343,16 +343,15 @@ def test_rewrite_equals_torch_load_of_the_source_with_the_change(
             elif name not in removed:
                 tensors.append(OutputTensor(ref, source=ref))
         rewrite(checkpoint, tensors, folder / "out.pt")
-    for name in sorted(removed, key=lambda n: slots[n][1] if type(slots[n][1]) is int else -1)[
-        ::-1
-    ]:
+    objects = {name: parent[key] for name, (parent, key) in slots.items()}
+    by_index = sorted(removed, key=lambda n: slots[n][1] if type(slots[n][1]) is int else -1)
+    for name in reversed(by_index):  # highest list index first: the others stay valid
         parent, key = slots[name]
         del parent[key]
     with torch.no_grad():
         for tensor in tensors:
             if tensor.data is not None:
-                parent, key = slots[tensor.ref.name]
-                parent[key].copy_(torch.from_numpy(tensor.data))
+                objects[tensor.ref.name].copy_(torch.from_numpy(tensor.data))
     loaded = torch.load(folder / "out.pt", weights_only=True)
     assert_same_objects(loaded, expected)
     assert_same_sharing(loaded, expected)
