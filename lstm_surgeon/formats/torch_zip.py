@@ -49,7 +49,7 @@ from lstm_surgeon.formats.pickle_reader import (
     load_safely,
 )
 from lstm_surgeon.formats.pickle_writer import dumps
-from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored
+from lstm_surgeon.formats.zip_records import ReadAt, ZipRecord, read_records, require_stored
 from lstm_surgeon.formats.zip_writer import ZipWriter
 from lstm_surgeon.writing import BytePatch, Progress
 
@@ -111,7 +111,7 @@ class TorchZipFormat:
                 "(torch.save(torch.load(path, weights_only=True), new_path)) and try again"
             )
         with open(path, "rb") as file:
-            records = read_records(path, buffer, lambda at, size: os.pread(file.fileno(), size, at))
+            records = read_records(path, buffer, _reader(file))
         state = _ZipState(records, _archive_prefix(path, records))
         _check_byteorder(path, buffer, records, state.prefix)
         pickle_record = require_stored(path, state.pickle_record())
@@ -188,6 +188,12 @@ def _state(checkpoint: Checkpoint) -> _ZipState:
     state = checkpoint.format_state
     assert isinstance(state, _ZipState), "not a checkpoint read by the torch.save format"
     return state
+
+
+def _reader(file: BinaryIO) -> ReadAt:
+    """Read ranges of `file` with pread: the memory map stays untouched, so a large file read
+    once is not counted whole in the process's memory."""
+    return lambda offset, size: os.pread(file.fileno(), size, offset)
 
 
 def _record_bytes(buffer: mmap.mmap | bytes, record: ZipRecord) -> bytes:
@@ -502,21 +508,18 @@ class _EditedTree:
             call = Call("torch._utils", "_rebuild_tensor_v3", args)
         return TensorStub(storage, 0, ref.shape, stride, ref.dtype, False, call)
 
-    def storage_chunks(self, key: str, buffer: mmap.mmap | bytes) -> Iterator[bytes | memoryview]:
-        """A storage's bytes: its new ones, or the source record's, streamed without a copy."""
+    def storage_chunks(self, key: str, read_at: ReadAt) -> Iterator[bytes | memoryview]:
+        """A storage's bytes: its new ones, or the source record's, read in chunks with `read_at`
+        (a pread: touching the memory map would count the whole file in the process's memory)."""
         if key in self.storages:
             yield _byte_view(self.storages[key])
             return
         record = self.state.storage_record(key) if self.state is not None else None
         if record is None:
             raise EditError(f"{self.path}: the object tree refers to a missing storage {key!r}")
-        view = memoryview(buffer)
-        try:
-            end = record.data_offset + record.size
-            for start in range(record.data_offset, end, COPY_CHUNK):
-                yield view[start : min(start + COPY_CHUNK, end)]
-        finally:
-            view.release()
+        end = record.data_offset + record.size
+        for start in range(record.data_offset, end, COPY_CHUNK):
+            yield read_at(start, min(COPY_CHUNK, end - start))
 
 
 def _byte_view(data: bytearray | np.ndarray) -> memoryview:
@@ -554,16 +557,18 @@ def _write_archive(
 ) -> None:
     """The records torch.save writes: data.pkl, the small ones, each storage, a serialization id."""
     prefix = tree.state.prefix if tree.state is not None else DEFAULT_PREFIX
-    records: list[tuple[str, Iterable[bytes | memoryview]]] = [
-        (f"{prefix}data.pkl", [data_pkl]),
-        *_small_records(tree, prefix, source.buffer),
-        *((f"{prefix}data/{key}", tree.storage_chunks(key, source.buffer)) for key in storage_keys),
-    ]
-    writer = ZipWriter(out)
-    identity = hashlib.sha1()
-    for name, chunks in records:
-        crc = writer.add(name, chunks)
-        identity.update(f"{name}:{crc};".encode())
+    with open(source.path, "rb") as file:
+        read_at = _reader(file)
+        records: list[tuple[str, Iterable[bytes | memoryview]]] = [
+            (f"{prefix}data.pkl", [data_pkl]),
+            *_small_records(tree, prefix, source.buffer),
+            *((f"{prefix}data/{key}", tree.storage_chunks(key, read_at)) for key in storage_keys),
+        ]
+        writer = ZipWriter(out)
+        identity = hashlib.sha1()
+        for name, chunks in records:
+            crc = writer.add(name, chunks)
+            identity.update(f"{name}:{crc};".encode())
     serialization_id = f"{int.from_bytes(identity.digest()[:16], 'big'):040d}"
     writer.add(prefix + SERIALIZATION_ID, [serialization_id.encode()])
     writer.close()
