@@ -27,9 +27,10 @@ from torch import nn
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.checkpoint import OutputTensor
 from lstm_surgeon.errors import EditError
-from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.formats import open_checkpoint, zip_writer
 from lstm_surgeon.formats.pickle_writer import dumps
 from lstm_surgeon.formats.torch_zip import FORMAT as TORCH_ZIP
+from lstm_surgeon.formats.zip_records import read_records
 from lstm_surgeon.surgery import plan_add_bias, plan_set_forget_bias, plan_zero_bias
 
 # --- Objects of classes torch.load(weights_only=True) refuses ---------------------------------
@@ -354,3 +355,29 @@ def test_the_pickle_writer_refuses_what_it_cannot_write():
     with pytest.raises(pickle.PicklingError):
         dumps({"x": object()})
     assert pickle.loads(dumps(OrderedDict(a=[1, (2, 3)]))[0]) == OrderedDict(a=[1, (2, 3)])
+
+
+# --- The zip writer -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zip64_from", [zip_writer.ZIP64_FROM, 0], ids=["plain", "all-zip64"])
+def test_zip_writer_output_reads_back_everywhere(tmp_path, monkeypatch, zip64_from):
+    """Python's zipfile and lstm-surgeon's reader agree on every record's bytes, offset and CRC;
+    with the zip64 threshold at 0, every size and offset goes through the zip64 fields."""
+    monkeypatch.setattr(zip_writer, "ZIP64_FROM", zip64_from)
+    payloads = {"a/data.pkl": b"\x80\x02.", "a/data/0": bytes(range(200)) * 3, "a/empty": b""}
+    target = tmp_path / "out.zip"
+    with open(target, "wb") as out:
+        writer = zip_writer.ZipWriter(out)
+        for name, data in payloads.items():
+            writer.add(name, [data[:7], memoryview(data)[7:]])
+        writer.close()
+    buffer = target.read_bytes()
+    records = read_records(target, buffer)
+    with zipfile.ZipFile(target) as archive:
+        assert archive.testzip() is None
+        assert {info.filename: archive.read(info) for info in archive.infolist()} == payloads
+    for name, data in payloads.items():
+        record = records[name]
+        assert buffer[record.data_offset : record.data_offset + record.size] == data
+        assert record.check_crc(buffer) and record.data_offset % 64 == 0

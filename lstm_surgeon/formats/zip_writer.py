@@ -32,8 +32,13 @@ PADDING_EXTRA_ID = 0x4246  # "FB": the padding field torch's writer uses
 DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, torch's fixed timestamp
 VERSION = 45  # zip64
 FLAGS = FLAG_DATA_DESCRIPTOR | 0x800  # CRC and sizes after the data; names in UTF-8
-LIMIT_32 = 0xFFFFFFFF
-LIMIT_16 = 0xFFFF
+SENTINEL_32 = 0xFFFFFFFF  # "see the zip64 field"
+SENTINEL_16 = 0xFFFF
+ZIP64_FROM = SENTINEL_32  # values from this one up go to zip64 fields
+
+
+def _field_32(value: int) -> int:
+    return value if value < ZIP64_FROM else SENTINEL_32
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class ZipWriter:
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
             self._write(chunk)
-        sizes = "<QQ" if size >= LIMIT_32 else "<II"
+        sizes = "<QQ" if size >= ZIP64_FROM else "<II"
         self._write(DATA_DESCRIPTOR + struct.pack("<I", crc) + struct.pack(sizes, size, size))
         self.written.append(_Written(raw_name, header_offset, size, crc))
         return crc
@@ -123,10 +128,10 @@ class ZipWriter:
                 "<HHHHIIH",
                 0,
                 0,
-                min(count, LIMIT_16),
-                min(count, LIMIT_16),
-                min(directory_size, LIMIT_32),
-                min(directory_offset, LIMIT_32),
+                min(count, SENTINEL_16),
+                min(count, SENTINEL_16),
+                _field_32(directory_size),
+                _field_32(directory_offset),
                 0,
             )
         )
@@ -134,13 +139,13 @@ class ZipWriter:
 
 def _central_entry(record: _Written) -> bytes:
     """A central directory entry; sizes and offset that do not fit 32 bits go to a zip64 field."""
-    large = [value for value in (record.size, record.size) if value >= LIMIT_32]
-    if record.header_offset >= LIMIT_32:
+    large = [value for value in (record.size, record.size) if value >= ZIP64_FROM]
+    if record.header_offset >= ZIP64_FROM:
         large.append(record.header_offset)
     extra = b""
     if large:
         extra = struct.pack(f"<HH{len(large)}Q", ZIP64_EXTRA_ID, 8 * len(large), *large)
-    size = min(record.size, LIMIT_32)
+    size = _field_32(record.size)
     return (
         CENTRAL_HEADER
         + struct.pack(
@@ -160,7 +165,7 @@ def _central_entry(record: _Written) -> bytes:
             0,
             0,
             0,
-            min(record.header_offset, LIMIT_32),
+            _field_32(record.header_offset),
         )
         + record.name
         + extra
