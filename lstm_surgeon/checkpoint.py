@@ -103,9 +103,7 @@ class Contents:
     silently. The format-specific facts a writer needs stay private to that format's module."""
 
     entries: tuple[Entry, ...] = ()
-    metadata: Mapping[str, str] | None = (
-        None  # the file's string key/value metadata, if it has some
-    )
+    metadata: Mapping[str, str] | None = None  # the file's string key/value pairs, if any
     counters: Mapping[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
 
     @property

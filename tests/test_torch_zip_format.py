@@ -496,6 +496,19 @@ def test_legacy_torch_save_file_is_refused_with_advice(tmp_path):
     message = assert_one_line_error(error, target)
     assert "pre-1.6" in message
     assert "re-save" in message
+    assert 'map_location="cpu"' in message  # a file saved from a GPU loads on any machine
+
+
+def test_legacy_re_save_hint_works(tmp_path):
+    """Run the code the message suggests, as written, then read the result."""
+    legacy, resaved = tmp_path / "legacy.pt", tmp_path / "resaved.pt"
+    torch.save(nn.GRU(2, 3).state_dict(), legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsupportedCheckpointError) as error:
+        open_checkpoint(legacy)
+    code = str(error.value).split("(", 1)[1].rsplit(")", 1)[0]
+    exec(code, {"torch": torch, "path": legacy, "new_path": resaved})
+    with open_checkpoint(resaved) as checkpoint:
+        assert sorted(checkpoint.tensors) == sorted(nn.GRU(2, 3).state_dict())
 
 
 @pytest.fixture(scope="module")

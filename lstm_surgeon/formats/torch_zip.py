@@ -108,7 +108,8 @@ class TorchZipFormat:
         if bytes(buffer[: len(LEGACY_MAGIC)]) == LEGACY_MAGIC:
             raise UnsupportedCheckpointError(
                 f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
-                "(torch.save(torch.load(path, weights_only=True), new_path)) and try again"
+                '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) '
+                "and try again"
             )
         with open(path, "rb") as file:
             records = read_records(path, buffer, _reader(file))
