@@ -103,8 +103,8 @@ class Contents:
     silently. The format-specific facts a writer needs stay private to that format's module."""
 
     entries: tuple[Entry, ...] = ()
-    metadata: Mapping[str, str] | None = None  # the file's string key/value pairs, if any
-    counters: Mapping[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
+    metadata: dict[str, str] | None = None  # the file's string key/value pairs, if any
+    counters: dict[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -147,7 +147,7 @@ class Checkpoint:
         return self.format.name
 
     @property
-    def metadata(self) -> Mapping[str, str] | None:
+    def metadata(self) -> dict[str, str] | None:
         return self.contents.metadata
 
     @property

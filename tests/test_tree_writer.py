@@ -8,6 +8,7 @@ runs only this file's code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -381,3 +382,18 @@ def test_zip_writer_output_reads_back_everywhere(tmp_path, monkeypatch, zip64_fr
         record = records[name]
         assert buffer[record.data_offset : record.data_offset + record.size] == data
         assert record.check_crc(buffer) and record.data_offset % 64 == 0
+
+
+def test_installed_command_drops_biases_of_a_file_with_objects_in_place(surgeon, tmp_path):
+    """The real command, in place: the objects of the file are still there afterwards."""
+    path = tmp_path / "foreign.pt"
+    torch.save(foreign_payload(), path)
+    expected = load_unsafe(path)
+    result = surgeon("zero-bias", path, "--drop", "--in-place", "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["result"]["method"] == "rewrite"
+    edited = load_unsafe(path)
+    assert list(edited["model"]) == ["weight_ih_l0", "weight_hh_l0"]
+    assert list(edited) == list(expected)
+    for key in ("config", "registry", "history", "point", "values"):
+        assert edited[key] == expected[key], key

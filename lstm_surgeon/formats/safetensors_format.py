@@ -75,7 +75,7 @@ class SafetensorsFormat:
         _refuse_uncarried(source, tensors, drop_keys)
         header: dict[str, Any] = {}
         if source.metadata is not None:
-            header[METADATA_KEY] = dict(source.metadata)
+            header[METADATA_KEY] = source.metadata
         offset = 0
         for tensor in tensors:
             ref = tensor.ref
