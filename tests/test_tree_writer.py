@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_torch_zip_format import assert_same_objects, assert_same_sharing
 from torch import nn
@@ -29,6 +31,7 @@ from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.checkpoint import OutputTensor
 from lstm_surgeon.errors import EditError
 from lstm_surgeon.formats import open_checkpoint, zip_writer
+from lstm_surgeon.formats.pickle_reader import load_safely
 from lstm_surgeon.formats.pickle_writer import dumps
 from lstm_surgeon.formats.torch_zip import FORMAT as TORCH_ZIP
 from lstm_surgeon.formats.zip_records import read_records
@@ -397,3 +400,49 @@ def test_installed_command_drops_biases_of_a_file_with_objects_in_place(surgeon,
     assert list(edited) == list(expected)
     for key in ("config", "registry", "history", "point", "values"):
         assert edited[key] == expected[key], key
+
+
+# --- The pickle writer on its own -------------------------------------------------------------------
+
+HASHABLE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.complex_numbers(allow_nan=False),
+)
+PLAIN_DATA = st.recursive(
+    HASHABLE,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(HASHABLE, children, max_size=4),
+        st.dictionaries(st.text(max_size=3), children, max_size=4).map(OrderedDict),
+        st.sets(HASHABLE, max_size=4),
+        st.frozensets(HASHABLE, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+def same_value(actual: Any, expected: Any) -> bool:
+    """Equal, and of the same type all the way down (True == 1 would hide a lost bool)."""
+    if type(actual) is not type(expected):
+        return False
+    if isinstance(expected, dict):
+        return list(actual) == list(expected) and all(
+            same_value(actual[key], value) for key, value in expected.items()
+        )
+    if isinstance(expected, (list, tuple)):
+        return len(actual) == len(expected) and all(map(same_value, actual, expected))
+    return bool(actual == expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=PLAIN_DATA, protocol=st.sampled_from([2, 4]))
+def test_plain_data_round_trips_through_reader_and_writer(value, protocol):
+    written, storages = dumps(load_safely(pickle.dumps(value, protocol=protocol)))
+    assert storages == []
+    assert same_value(pickle.loads(written), value)

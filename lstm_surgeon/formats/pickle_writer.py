@@ -11,6 +11,7 @@ from the memo, so shared containers and tensors stay shared.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import struct
 from collections import OrderedDict
@@ -30,9 +31,6 @@ from lstm_surgeon.formats.pickle_reader import (
 
 PROTOCOL = 2
 BATCH = 1000  # items per SETITEMS / APPENDS, as pickle writes them
-
-# Python 3 names that protocol 2 spells the Python 2 way (what pickle's fix_imports writes).
-_PYTHON2_MODULES = {"builtins": "__builtin__"}
 
 
 class PickleWriter:
@@ -115,7 +113,12 @@ class PickleWriter:
                 self.out += pickle.LONG4 + struct.pack("<i", len(encoded)) + encoded
 
     def _global(self, module: str, name: str) -> None:
-        module = _PYTHON2_MODULES.get(module, module)
+        """GLOBAL with the Python 2 spelling protocol 2 uses (as pickle's `fix_imports` writes it,
+        so that loading maps it back to exactly the name the reader saw)."""
+        if (module, name) in _compat_pickle.REVERSE_NAME_MAPPING:
+            module, name = _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module)
         self.out += pickle.GLOBAL + f"{module}\n{name}\n".encode()
 
     def _save_storage(self, storage: StorageStub) -> None:
