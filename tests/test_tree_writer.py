@@ -358,6 +358,10 @@ def test_safetensors_contents_are_tensors_and_metadata(fixtures_dir, make_fixtur
 def test_the_pickle_writer_refuses_what_it_cannot_write():
     with pytest.raises(pickle.PicklingError):
         dumps({"x": object()})
+    # STACK_GLOBAL can name a global with a newline, which a GLOBAL line cannot hold
+    stack_global = b"\x80\x04\x8c\x02os\x8c\x0bsystem\ncos\n\x93)R."
+    with pytest.raises(pickle.PicklingError, match="global"):
+        dumps(load_safely(stack_global))
     assert pickle.loads(dumps(OrderedDict(a=[1, (2, 3)]))[0]) == OrderedDict(a=[1, (2, 3)])
 
 

@@ -119,6 +119,8 @@ class PickleWriter:
             module, name = _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
         else:
             module = _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module)
+        if "\n" in module or "\n" in name:  # possible through STACK_GLOBAL, not in a GLOBAL line
+            raise pickle.PicklingError(f"a global named {module!r}.{name!r}")
         self.out += pickle.GLOBAL + f"{module}\n{name}\n".encode()
 
     def _save_storage(self, storage: StorageStub) -> None:
