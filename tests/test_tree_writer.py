@@ -450,3 +450,14 @@ def test_plain_data_round_trips_through_reader_and_writer(value, protocol):
     written, storages = dumps(load_safely(pickle.dumps(value, protocol=protocol)))
     assert storages == []
     assert same_value(pickle.loads(written), value)
+
+
+def test_optimizer_state_is_dropped_from_a_list_root(tmp_path):
+    source, output = tmp_path / "in.pt", tmp_path / "out.pt"
+    optimizer = torch.optim.Adam([nn.Parameter(torch.ones(2))])
+    torch.save([lstm_state(), optimizer.state_dict(), "note"], source)
+    plan = edit(source, lambda ck: plan_zero_bias(ck, drop=True, drop_optimizer_state=True), output)
+    assert plan.drop_optimizer_state
+    edited = torch.load(output, weights_only=True)
+    assert len(edited) == 2 and edited[1] == "note"
+    assert list(edited[0]) == list(without_biases(lstm_state()))

@@ -411,10 +411,14 @@ class _EditedTree:
         return cls(source.path, root, slots, state, next_key=max(taken, default=-1) + 1)
 
     def drop_entries(self, keys: frozenset[str]) -> None:
-        """Remove top-level entries (by their printed key) with all they hold."""
-        if not keys or not isinstance(self.root, dict):
+        """Remove top-level entries (by their printed key, as `Contents` names them) with all they
+        hold; a list's from the highest index down, so the others keep theirs."""
+        if not keys:
             return
-        for key in [key for key in self.root if str(key) in keys]:
+        if not isinstance(self.root, (dict, list)):
+            raise EditError(f"{self.path}: cannot remove entries from a {_kind_of(self.root)}")
+        present = self.root if isinstance(self.root, dict) else range(len(self.root))
+        for key in reversed([key for key in present if str(key) in keys]):
             del self.root[key]
         self.slots = {
             name: slot for name, slot in self.slots.items() if str(slot.location[0]) not in keys
