@@ -13,7 +13,13 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
+from lstm_surgeon.checkpoint import (
+    Checkpoint,
+    CheckpointFile,
+    OutputTensor,
+    StorageRef,
+    TensorRef,
+)
 from lstm_surgeon.dtypes import BY_SAFETENSORS_CODE
 from lstm_surgeon.errors import CheckpointError, EditError
 from lstm_surgeon.writing import BytePatch, Progress
@@ -39,15 +45,14 @@ class SafetensorsFormat:
         return Checkpoint(
             path=path,
             format=self,
-            size=size,
             tensors=tensors,
-            buffer=buffer,
+            files=(CheckpointFile(path, buffer),),
             metadata=metadata,
             top_level_keys=tuple(tensors),
         )
 
     def checksum_patches(
-        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+        self, checkpoint: Checkpoint, storages: dict[StorageRef, bytes]
     ) -> list[BytePatch]:
         return []  # safetensors keeps no checksums
 
