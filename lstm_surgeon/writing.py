@@ -375,8 +375,8 @@ def patch_files(entries: list[JournalEntry], held: Held) -> None:
     included) roll every file back. The caller holds the lock of every file."""
     files = [_held_file(entry, held) for entry in entries]
     write_journals(entries)
-    fault_point("after-journal")
     try:
+        fault_point("after-journal")
         for index, (entry, file) in enumerate(zip(entries, files, strict=True)):
             if index:
                 fault_point("between-files")
@@ -387,10 +387,10 @@ def patch_files(entries: list[JournalEntry], held: Held) -> None:
         for file in files:
             os.fsync(file.fileno())
         fault_point("before-journal-removal")
+        remove_journals(entry.path for entry in entries)
     except BaseException:
-        _restore(entries, files)
+        _restore(entries, files)  # an interrupted removal too: a journal may be left
         raise
-    remove_journals(entry.path for entry in entries)
 
 
 def write_patches(file: BinaryIO, patches: list[BytePatch]) -> None:

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import random
 import resource
@@ -36,6 +37,7 @@ from safetensors.numpy import save_file
 
 from lstm_surgeon.check import check_checkpoint
 from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.writing import recover_interrupted_edit
 
 DEBRIS_SUFFIXES = (".lstm-surgeon-tmp", ".lstm-surgeon-journal")
 FAULT_POINTS = ["after-journal", "mid-patch", "before-journal-removal"]
@@ -59,8 +61,15 @@ def assert_zip_sound(path: Path) -> None:
 
 
 def recover(path: Path) -> None:
-    """What any later command does first: roll back an interrupted in-place edit."""
-    open_checkpoint(path).close()
+    """What any later editing command does first: roll back an interrupted in-place edit."""
+    recover_interrupted_edit(path)
+
+
+def inspected_layers(surgeon: Callable[..., Any], path: Path) -> list[Any]:
+    """What `inspect --json` reports of the file's recurrent layers."""
+    result = surgeon("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["layers"]
 
 
 # --- A full disk ----------------------------------------------------------------------------
@@ -443,13 +452,35 @@ def test_kill_at_each_step_of_an_in_place_edit(
     expected_now = {"after-journal": original, "before-journal-removal": edited}
     if fault in expected_now:
         assert target.read_bytes() == expected_now[fault]
-    # A later command (any of them) rolls the file back to the checkpoint the journal saved.
-    result = surgeon("inspect", target)
-    assert result.returncode == 0, result.stderr
+    left = target.read_bytes()
+    # A reading command shows the checkpoint the journal saved, and writes nothing.
+    pristine = tmp_path / "pristine" / filename
+    pristine.parent.mkdir()
+    pristine.write_bytes(original)
+    assert inspected_layers(surgeon, target) == inspected_layers(surgeon, pristine)
+    assert target.read_bytes() == left
+    assert journal.exists()
+    assert not check_checkpoint(target).sound  # the bytes on disk are not the checkpoint yet
+    # An editing command (here its library call) rolls the file back to the saved checkpoint.
+    recover(target)
     assert target.read_bytes() == original
     assert debris(tmp_path) == []
     assert_zip_sound(target)
     assert check_checkpoint(target).sound
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_the_next_edit_rolls_back_an_interrupted_one_first(
+    surgeon, fixture_copy, tmp_path, zoo_versions, filename
+):
+    _, edited, _ = zoo_versions[filename]
+    target = fixture_copy(filename)
+    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "mid-patch"})
+    assert result.returncode == -signal.SIGKILL
+    result = surgeon(*EDIT, target, "--in-place", "-y")
+    assert result.returncode == 0, result.stderr
+    assert target.read_bytes() == edited  # the edit of the rolled-back file, not of a half one
+    assert debris(tmp_path) == []
 
 
 def test_the_in_place_result_is_the_output_result(surgeon, fixture_copy, zoo_versions):
@@ -501,7 +532,7 @@ def test_kill_at_random_times_leaves_old_or_new(surgeon_command, tmp_path, zoo_v
 
 SIGINT_AT_FAULT_POINT = """
 import os, signal, sys
-import lstm_surgeon.apply
+import lstm_surgeon.writing
 
 wanted = sys.argv.pop(1)
 
@@ -509,7 +540,7 @@ def fault_point(name):
     if name == wanted:
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered at this very step
 
-lstm_surgeon.apply.fault_point = fault_point
+lstm_surgeon.writing.fault_point = fault_point
 from lstm_surgeon.cli import main
 sys.argv[0] = "lstm-surgeon"
 main()
@@ -548,12 +579,19 @@ def test_interrupted_edit_of_a_read_only_file_is_explained(
 ):
     target = shared_dir / "model.pt"
     shutil.copyfile(fixtures_dir / "ddp.pt", target)
-    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "after-journal"})
+    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "mid-patch"})
     assert result.returncode == -signal.SIGKILL
     target.chmod(0o444)
+    left = sha256(target)
+    # Reading works for a user who cannot roll the file back, and says what happened.
     result = surgeon("inspect", target, preexec_fn=unprivileged)
+    assert result.returncode == 0, result.stderr
+    assert "interrupted" in result.stderr and "recover" in result.stderr
+    # Editing needs the rollback first, which this user cannot do: one clear line.
+    result = surgeon(*EDIT, target, "-o", shared_dir / "out.pt", preexec_fn=unprivileged)
     line = assert_clean_failure(result.stderr, result.returncode)
-    assert "interrupted" in line or "journal" in line, line
+    assert "interrupted" in line and "recover" in line, line
+    assert sha256(target) == left
 
 
 # --- Two editors at once ----------------------------------------------------------------------
@@ -593,9 +631,16 @@ def chain(
 
 
 def assert_waited_or_refused(result: subprocess.CompletedProcess[str]) -> None:
+    """Success, or one clear refusal: the lock was busy too long, or (after the preview, which the
+    user saw with the lock released) the file changed before the lock was taken."""
     if result.returncode != 0:
-        line = assert_clean_failure(result.stderr, result.returncode)
-        assert "another lstm-surgeon" in line
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if "error:" in line]
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert errors == lines[-1:], result.stderr
+        assert errors[0].startswith("lstm-surgeon: error: "), result.stderr
+        assert "another lstm-surgeon" in errors[0]
 
 
 @pytest.mark.parametrize("filename", ZOO)
