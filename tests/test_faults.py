@@ -15,8 +15,10 @@ import fcntl
 import hashlib
 import json
 import os
+import pty
 import random
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -801,3 +803,85 @@ def test_a_journal_that_no_longer_fits_the_file_is_never_applied(
     line = assert_clean_failure(result.stderr, result.returncode)
     assert "journal" in line and "does not match" in line
     assert target.read_bytes() == replacement
+
+
+# --- The confirmation question is asked with nothing locked -------------------------------------
+
+
+def ask_in_a_terminal(
+    command: list[str], args: list[str]
+) -> tuple[subprocess.Popen[bytes], int, bytes]:
+    """Start an edit whose stdin and stderr are a terminal, and wait for its question; returns
+    the process, the terminal's controlling end, and what was printed until then."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*command, *args],
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=clean_environment(),
+    )
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 60
+    while b"Write the checkpoint in place?" not in shown and time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 1)
+        if ready:
+            shown += os.read(controller, 4096)
+    assert b"Write the checkpoint in place?" in shown, shown
+    return process, controller, shown
+
+
+def answer(process: subprocess.Popen[bytes], controller: int, text: bytes) -> bytes:
+    """Type `text` into the terminal and read what follows until the process ends."""
+    os.write(controller, text)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    process.wait(timeout=60)
+    os.close(controller)
+    return output
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_the_question_waits_with_the_file_unlocked(
+    surgeon_command, tmp_path, zoo_versions, filename
+):
+    original, edited, _ = zoo_versions[filename]
+    target = tmp_path / filename
+    target.write_bytes(original)
+    process, controller, _ = ask_in_a_terminal(surgeon_command, [*EDIT, str(target), "--in-place"])
+    assert not locked_by_another(target)
+    assert debris(tmp_path) == []
+    answer(process, controller, b"y\n")
+    assert process.returncode == 0
+    assert target.read_bytes() == edited
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_an_edit_made_while_the_question_waits_is_not_overwritten(
+    surgeon, surgeon_command, run_cli, fixtures_dir, tmp_path, filename
+):
+    """Another editor edits the file while the first one waits for its answer (before, it would
+    have waited a minute for the lock, then failed); the first then refuses to write a plan made
+    for the old file."""
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    other_edit = chain(run_cli, fixtures_dir / filename, expected, ADD)
+    target = tmp_path / filename
+    shutil.copyfile(fixtures_dir / filename, target)
+    process, controller, _ = ask_in_a_terminal(surgeon_command, [*EDIT, str(target), "--in-place"])
+    result = surgeon(*ADD, target, "--in-place", "-y")
+    assert result.returncode == 0, result.stderr
+    output = answer(process, controller, b"y\n").decode()
+    assert process.returncode == 2
+    assert "changed after this edit was planned" in output
+    assert "Traceback" not in output
+    assert target.read_bytes() == other_edit
+    assert debris(tmp_path) == []
