@@ -108,8 +108,8 @@ def join_checkpoints(parts: Sequence[Checkpoint]) -> Checkpoint:
     """One checkpoint made of single-file checkpoints of one format: each tensor keeps its bytes
     in its own file (its `StorageRef.file` becomes that file's index), names stay unique.
 
-    Only formats whose files stand alone can be joined for now (no container tree shared between
-    the files, as a sharded safetensors checkpoint has)."""
+    Only files that stand alone can be joined for now (safetensors: each shard is a complete file
+    of named tensors; a torch zip's object tree describes one file only)."""
     first = parts[0]
     _require_distinct(parts)
     tensors: dict[str, TensorRef] = {}
