@@ -21,6 +21,7 @@ import resource
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -803,6 +804,12 @@ def test_a_journal_that_no_longer_fits_the_file_is_never_applied(
     line = assert_clean_failure(result.stderr, result.returncode)
     assert "journal" in line and "does not match" in line
     assert target.read_bytes() == replacement
+    # `check` names the stale journal and checks the bytes on disk, so the user can decide.
+    report = check_checkpoint(target)
+    assert [problem for problem in report.problems if "does not match" in problem]
+    assert report.problems == [report.problems[0]]  # the replacement itself is sound
+    assert report.tensors_scanned > 0
+    assert target.read_bytes() == replacement
 
 
 # --- The confirmation question is asked with nothing locked -------------------------------------
@@ -884,4 +891,27 @@ def test_an_edit_made_while_the_question_waits_is_not_overwritten(
     assert "changed after this edit was planned" in output
     assert "Traceback" not in output
     assert target.read_bytes() == other_edit
+    assert debris(tmp_path) == []
+
+
+def test_a_journal_left_by_the_previous_version_is_still_rolled_back(fixture_copy, tmp_path):
+    """Journals of format 2 (one file) were written before edits could span several files; one
+    left by a killed run of that version must still be read and rolled back, never ignored."""
+    target = fixture_copy("zoo.safetensors")
+    original = target.read_bytes()
+    offset = len(original) - 8
+    info = target.stat()
+    body = b"lstm-surgeon journal 2\n" + struct.pack(
+        "<QQQI", info.st_dev, info.st_ino, info.st_size, 1
+    )
+    body += struct.pack("<QQ", offset, 8) + original[offset:] + b"\xff" * 8
+    body += hashlib.sha256(body).digest()
+    target.with_name(f".{target.name}.lstm-surgeon-journal").write_bytes(body)
+    with open(target, "r+b") as file:  # the patch the killed run had written
+        os.pwrite(file.fileno(), b"\xff" * 8, offset)
+    with open_checkpoint(target) as checkpoint:
+        assert bytes(checkpoint.buffer[offset:]) == original[offset:]
+    assert target.read_bytes()[offset:] == b"\xff" * 8  # reading wrote nothing
+    assert recover_interrupted_edit(target)
+    assert target.read_bytes() == original
     assert debris(tmp_path) == []
