@@ -30,6 +30,8 @@ class LayerReport:
             "bidirectional": layer.bidirectional,
             "bias": layer.bias,
             "dtype": layer.dtype,
+            "attributes": layer.attributes,
+            "pytorch_differences": list(layer.pytorch_differences),
             "tensors": sorted(layer.tensor_names()),
             "cells": [cell.to_dict() for cell in self.cells],
         }
