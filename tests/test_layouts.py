@@ -9,6 +9,7 @@ loaded from `module_state`, never against the regions' own slicing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 from lstm_surgeon import layouts
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
+from lstm_surgeon.convert import plan_conversion, write_conversion
 from lstm_surgeon.diff import diff_checkpoints
 from lstm_surgeon.discovery import NoLayerSelected, discover
 from lstm_surgeon.errors import EditError
@@ -98,8 +100,8 @@ class TransposedOneBiasLayout:
 
 @pytest.fixture(autouse=True)
 def transposed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    registered = layouts._layouts()
-    monkeypatch.setattr(layouts, "_layouts", lambda: (*registered, TransposedOneBiasLayout()))
+    registered = (*layouts._layouts(), TransposedOneBiasLayout())
+    monkeypatch.setattr(layouts, "_layouts", lambda: registered)
 
 
 def reordered(stacked: torch.Tensor) -> torch.Tensor:
@@ -257,3 +259,41 @@ def test_cli_exits_2_when_a_glob_matches_nothing(surgeon, fixtures_dir, command)
     assert result.returncode == 2, result.stderr
     assert "no recurrent layer matches --layer 'nope*'" in result.stderr
     assert result.stdout == ""
+
+
+def test_convert_writes_what_torch_loads_and_computes_the_same(
+    transposed_file, torch_lstm, tmp_path
+):
+    output = tmp_path / "converted.safetensors"
+    with open_checkpoint(transposed_file) as checkpoint:
+        conversion = plan_conversion(checkpoint)
+        write_conversion(conversion, checkpoint, output)
+    module = nn.LSTM(INPUT, HIDDEN)
+    module.load_state_dict({k.removeprefix("enc."): v for k, v in load_file(str(output)).items()})
+    x = torch.randn(6, 3, INPUT, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x)[0], torch_lstm(x)[0])
+    targets = {target["target"]: target for target in conversion.to_dict()["tensors"]}
+    assert targets["enc.bias_hh_l0"]["zeros"] is True
+    gates = [part["gate"] for part in targets["enc.weight_ih_l0"]["parts"]]
+    assert gates == ["input", "forget", "cell", "output"]
+    assert {part["source"] for part in targets["enc.weight_ih_l0"]["parts"]} == {"enc/kernel"}
+
+
+def test_convert_refuses_a_cell_torch_cannot_compute(transposed_file, monkeypatch):
+    layout = layouts._layouts()[-1]
+    found = layout.find_layers
+
+    def with_peepholes(checkpoint):
+        result = found(checkpoint)
+        result.layers = [
+            replace(layer, pytorch_differences=("peepholes",)) for layer in result.layers
+        ]
+        return result
+
+    monkeypatch.setattr(layout, "find_layers", with_peepholes)
+    with (
+        open_checkpoint(transposed_file) as checkpoint,
+        pytest.raises(EditError, match=r"enc: torch's LSTM cannot compute this cell \(peepholes\)"),
+    ):
+        plan_conversion(checkpoint)
