@@ -671,6 +671,15 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--match",
+            metavar="A=B",
+            help="Compare layer A of the first file with layer B of the second (repeatable); "
+            "layers of different frameworks are otherwise matched by name, then by order and shape.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -682,6 +691,7 @@ def diff(
     """
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.layer_diff import parse_matches
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
@@ -698,6 +708,7 @@ def diff(
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
             progress=progress,
+            matches=parse_matches(match or ()),
         )
     for warning in result.warnings:
         out.warn(warning)

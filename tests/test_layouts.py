@@ -29,6 +29,7 @@ from lstm_surgeon.errors import EditError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.gates import gates_of
 from lstm_surgeon.inspection import inspect_checkpoint
+from lstm_surgeon.layer_diff import MatchError
 from lstm_surgeon.layers import BIAS_IH, WEIGHT_HH, WEIGHT_IH, Cell, RecurrentLayer, Region
 from lstm_surgeon.layouts import Found, NewTensor
 from lstm_surgeon.layouts.pytorch import module_state
@@ -297,3 +298,50 @@ def test_convert_refuses_a_cell_torch_cannot_compute(transposed_file, monkeypatc
         pytest.raises(EditError, match=r"enc: torch's LSTM cannot compute this cell \(peepholes\)"),
     ):
         plan_conversion(checkpoint)
+
+
+@pytest.fixture
+def pytorch_file(tmp_path: Path, torch_lstm: nn.LSTM) -> Path:
+    path = tmp_path / "torch.safetensors"
+    save_file({f"enc.{k}": v.contiguous() for k, v in torch_lstm.state_dict().items()}, str(path))
+    return path
+
+
+def test_diff_across_layouts_matches_layers_and_compares_what_each_gate_sees(
+    pytorch_file, transposed_file, tmp_path
+):
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(transposed_file) as b:
+        exact = diff_checkpoints(a, b).to_dict()
+        close = diff_checkpoints(a, b, atol=1e-6).to_dict()
+    assert exact["matched"] == close["matched"] == [{"a": "enc", "b": "enc"}]
+    assert close["identical"], close  # b_ih + b_hh (float32 sum in the file) against the one bias
+    assert {entry["parameter"] for entry in exact["changed"]} <= {"bias_ih"}
+    edited_file = edited(transposed_file, lambda ck: plan_set_forget_bias(ck, 2.0), tmp_path)
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(edited_file) as b:
+        result = diff_checkpoints(a, b, atol=1e-6).to_dict()
+    (entry,) = result["changed"]
+    assert (entry["key"], entry["parameter"], entry["gates"]) == (
+        "enc.bias_ih_l0",
+        "bias_ih",
+        ["forget"],
+    )
+    assert entry["cell"] == {"layer": 0, "direction": "forward"}
+
+
+def test_diff_match_names_the_pairs_and_refuses_unknown_layers(
+    surgeon, pytorch_file, tmp_path, torch_lstm
+):
+    renamed = tmp_path / "renamed.safetensors"
+    save_file(
+        {k.replace("enc.", "other."): v for k, v in load_file(str(pytorch_file)).items()},
+        str(renamed),
+    )
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(renamed) as b:
+        assert diff_checkpoints(a, b, matches=[("enc", "other")]).to_dict()["matched"] == [
+            {"a": "enc", "b": "other"}
+        ]
+        with pytest.raises(MatchError, match="no layer 'nope'"):
+            diff_checkpoints(a, b, matches=[("enc", "nope")])
+    result = surgeon("diff", pytorch_file, renamed, "--match", "enc=other", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["identical"] is True
