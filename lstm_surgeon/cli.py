@@ -88,6 +88,12 @@ LayerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+HistOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hist", help="Add a histogram of each gate's per-unit bias (one range per table)."
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -191,13 +197,15 @@ def _root(
 
 @app.command()
 @_command
-def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def inspect(
+    checkpoint: CheckpointArg, layer: LayerOpt = None, hist: HistOpt = False, json: JsonOpt = False
+) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
     Example:
 
     \b
-    lstm-surgeon inspect model.pt --layer 'encoder*'
+    lstm-surgeon inspect model.pt --layer 'encoder*' --hist
     """
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
@@ -205,7 +213,7 @@ def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = F
 
     out = _output(json)
     with open_checkpoint(checkpoint) as opened:
-        inspection = inspect_checkpoint(opened, layer or ())
+        inspection = inspect_checkpoint(opened, layer or (), histograms=hist)
     for warning in inspection.warnings:
         out.warn(warning)
     out.show(inspection_view(inspection))
