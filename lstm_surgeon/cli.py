@@ -614,6 +614,7 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    hist: HistOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -641,6 +642,7 @@ def diff(
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
             progress=progress,
+            histograms=hist,
         )
     for warning in result.warnings:
         out.warn(warning)
