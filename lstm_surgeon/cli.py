@@ -652,6 +652,59 @@ def diff(
         raise typer.Exit(1)
 
 
+@app.command()
+@_command
+def trend(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT...", help="The checkpoints of one training run, in any order."
+        ),
+    ],
+    gate: Annotated[
+        list[str] | None,
+        typer.Option("--gate", metavar="NAME", help="Only this gate (repeatable; default all)."),
+    ] = None,
+    layer: LayerOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the trends into FILE.png or FILE.svg (needs lstm-surgeon[plot]).",
+        ),
+    ] = None,
+    plot_size: Annotated[
+        str,
+        typer.Option("--plot-size", metavar="WxH", help="The plot's size in pixels."),
+    ] = "1200x800",
+    json: JsonOpt = False,
+) -> None:
+    """Follow each gate's bias (mean, 10th and 90th percentile) across a training run.
+
+    The run is ordered by the step or epoch the checkpoints store, else by name.
+
+    Example:
+
+    \b
+    lstm-surgeon trend runs/exp1/*.ckpt --gate forget --plot forget.png
+    """
+    from lstm_surgeon.plot import plot_request, write_plot
+    from lstm_surgeon.render_trend import TrendView
+    from lstm_surgeon.trend import follow_run
+
+    out = _output(json)
+    request = None if plot is None else plot_request(plot, plot_size)
+    result = follow_run(checkpoints, gate or (), layer or ())
+    for warning in result.warnings:
+        out.warn(warning)
+    out.show(TrendView(result))
+    if request is not None:
+        write_plot(result, request)
+        out.note(f"plot written to {request.path}")
+    out.data(result.to_dict())
+
+
 def main() -> None:
     """Entry point of the `lstm-surgeon` console script."""
     app(prog_name="lstm-surgeon")
