@@ -44,8 +44,8 @@ class PlotRequest:
 
 
 def plot_request(path: Path, size: str) -> PlotRequest:
-    """The checked request, made before any checkpoint is read: a typo in the suffix or the size,
-    or a missing matplotlib, should not cost a pass over a whole run."""
+    """The checked request, made before any checkpoint is read: a typo in the suffix, the size or
+    the folder, or a missing matplotlib, should not cost a pass over a whole run."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise PlotError(
@@ -55,6 +55,8 @@ def plot_request(path: Path, size: str) -> PlotRequest:
     low, high = SIZE_LIMITS
     if match is None or not all(low <= int(side) <= high for side in match.groups()):
         raise PlotError(f"plot size {size!r} must be WIDTHxHEIGHT in pixels, each {low} to {high}")
+    if not path.parent.is_dir():
+        raise PlotError(f"{path}: the folder {path.parent} does not exist")
     _matplotlib()
     return PlotRequest(path, fmt, int(match[1]), int(match[2]))
 

@@ -84,20 +84,29 @@ class HistogramBars:
     cannot encode blocks (`PYTHONIOENCODING=ascii`, a terminal that is not UTF-8). Every line is
     as wide as its bins, so the rows of a table line up bin for bin."""
 
-    def __init__(self, labelled: tuple[tuple[str, Histogram], ...], peak: int) -> None:
-        self.lines = [(label, histogram.counts) for label, histogram in labelled]
+    def __init__(self, histograms: tuple[Histogram, ...], peak: int) -> None:
+        self.histograms = histograms
         self.peak = peak
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         levels = ASCII_LEVELS if options.ascii_only else BLOCKS
-        for label, counts in self.lines:
-            yield Text(bars(counts, self.peak, levels) + (f" {label}" if label else ""))
+        for histogram in self.histograms:
+            yield Text(bars(histogram.counts, self.peak, levels))
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        width = max(
-            (len(counts) + len(label) + bool(label) for label, counts in self.lines), default=0
-        )
+        width = max((len(histogram.counts) for histogram in self.histograms), default=0)
         return Measurement(width, width)
+
+
+def gate_name_lines(name: str, drawn: tuple[tuple[str, Histogram], ...]) -> str:
+    """The gate column beside its histograms: the name, and which bias each line counts where a
+    gate has one histogram per bias (`new b_in` over `    b_hn`)."""
+    labels = [label for label, _ in drawn if label]
+    if not labels:
+        return name
+    return "\n".join(
+        f"{name if index == 0 else ' ' * len(name)} {label}" for index, label in enumerate(labels)
+    )
 
 
 def axis_heading(title: str, value_range: ValueRange, bins: int) -> Text:
@@ -127,9 +136,9 @@ def gate_table(
     heading = axis_heading("distribution", histograms.value_range, histograms.bins)
     table.add_column(heading, no_wrap=True)
     for gate, drawn in zip(cell.gates, histograms.gates, strict=True):
-        table.add_row(
-            gate.gate.name, *gate_row(gate), HistogramBars(drawn.drawn(), histograms.peak)
-        )
+        labelled = drawn.drawn()
+        bars_cell = HistogramBars(tuple(histogram for _, histogram in labelled), histograms.peak)
+        table.add_row(gate_name_lines(gate.gate.name, labelled), *gate_row(gate), bars_cell)
     return table
 
 

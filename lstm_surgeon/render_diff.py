@@ -137,7 +137,7 @@ def effective_table(title: Text, gates: list[EffectiveBias]) -> Table:
 
 
 def _bars(histogram: Histogram | None, peak: int) -> HistogramBars:
-    return HistogramBars(() if histogram is None else (("", histogram),), peak)
+    return HistogramBars(() if histogram is None else (histogram,), peak)
 
 
 def _changed_gru_new_bias(entry: TensorDiff) -> bool:

@@ -23,7 +23,7 @@ from lstm_surgeon.trend import ORDER_EPOCH, ORDER_NAME, Series, Trend
 
 HEIGHT = 6  # rows per chart
 LABEL_WIDTH = 10  # the value labels left of the axis
-MAX_SPACING = 3  # columns per checkpoint, at most (a short run is spread out, not stretched)
+MAX_SPACING = 6  # columns per checkpoint, at most (a short run is spread out, not stretched)
 ORDER_NOTES = {
     ORDER_NAME: "by file name, in natural order (not every checkpoint stores a step or an epoch)",
     ORDER_EPOCH: "by the epoch each checkpoint stores",
