@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -79,6 +79,54 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+EntryKind = Literal["tensor", "container", "value", "object"]
+TRAINING_COUNTERS = ("epoch", "global_step", "step", "iteration")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One top-level entry of a checkpoint: a key of its root mapping (or an index of its root list).
+
+    `kind` is "tensor", "container" (a dict, list, tuple or set), "value" (a number, string, None...)
+    or "object" (an instance of a class lstm-surgeon keeps inert and never re-creates)."""
+
+    key: str
+    kind: EntryKind
+    optimizer_state: bool = False  # optimizer state: keyed by parameter position, not by name
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a checkpoint holds besides tensor elements, in words every format shares.
+
+    Readers fill it; writers compare it with what their format can carry and refuse to lose any of it
+    silently. The format-specific facts a writer needs stay private to that format's module."""
+
+    entries: tuple[Entry, ...] = ()
+    metadata: dict[str, str] | None = None  # the file's string key/value pairs, if any
+    counters: dict[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(entry.key for entry in self.entries)
+
+    def optimizer_keys(self) -> frozenset[str]:
+        return frozenset(entry.key for entry in self.entries if entry.optimizer_state)
+
+
+def optimizer_state_shaped(value: Any) -> bool:
+    """True for what `torch.optim.Optimizer.state_dict()` returns (a mapping with `state` and
+    `param_groups`), or a non-empty list of those (Lightning's `optimizer_states`): the shape is the
+    evidence, not a name with "optim" in it."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(map(_one_optimizer_state, value))
+    return _one_optimizer_state(value)
+
+
+def _one_optimizer_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
 @dataclass
 class Checkpoint:
     """An opened checkpoint file: its tensors in file order, and a read-only map of its bytes."""
@@ -88,11 +136,10 @@ class Checkpoint:
     size: int
     tensors: dict[str, TensorRef]
     buffer: mmap.mmap | bytes
-    metadata: dict[str, str] | None = None  # safetensors `__metadata__`
-    details: Any = (
-        None  # format-specific facts the writers need (zip records, the pickle tree, ...)
-    )
-    top_level_keys: tuple[str, ...] = ()
+    contents: Contents = field(default_factory=Contents)
+    # Facts only the format module that read the file uses (its zip records, ...); no other code
+    # reads them, so a format's internals never leak into the neutral model.
+    format_state: object = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -100,16 +147,21 @@ class Checkpoint:
         return self.format.name
 
     @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.contents.metadata
+
+    @property
+    def top_level_keys(self) -> tuple[str, ...]:
+        return self.contents.keys
+
+    @property
     def has_optimizer_state(self) -> bool:
         """True when the file carries optimizer moments (keyed by parameter index, not by name)."""
         return bool(self.optimizer_keys())
 
     def optimizer_keys(self) -> frozenset[str]:
-        """Top-level entries that hold optimizer state (`optimizer_state_dict`, Lightning's
-        `optimizer_states`, `optim`, ...); a tensor at the top level is never one."""
-        return frozenset(
-            key for key in self.top_level_keys if "optim" in key and key not in self.tensors
-        )
+        """Top-level entries shaped like optimizer state (see `optimizer_state_shaped`)."""
+        return self.contents.optimizer_keys()
 
     def raw(self, ref: TensorRef | str) -> np.ndarray:
         """The tensor's elements as stored (bfloat16 as uint16), a read-only view of the file."""

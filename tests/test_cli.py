@@ -354,7 +354,7 @@ def test_errors_are_one_line_on_stderr(run_cli, fixtures_dir, tmp_path, args, me
 @pytest.mark.parametrize(
     ("source", "args"),
     [
-        ("unsafe_objects.pt", ["zero-bias", "--drop", "-o", "out.pt"]),
+        ("unsafe_objects.pt", ["zero-bias", "--drop", "-o", "out.safetensors"]),
         ("training.pt", ["set-forget-bias", "-o", "out.safetensors"]),
         ("zoo.pt", ["set-forget-bias", "-o", "zoo.pt", "--force"]),
     ],

@@ -1,4 +1,4 @@
-"""Every command except `verify` (and structure-changing rewrites) must run without importing torch.
+"""Every command except `verify` must run without importing torch (structure changes: test_tree_writer).
 
 torch takes seconds to import; lstm-surgeon reads and patches checkpoints with numpy alone. Each case
 runs the real entry point (`lstm_surgeon.cli.main` with `sys.argv` set) in a fresh interpreter, then

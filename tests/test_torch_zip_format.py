@@ -9,6 +9,7 @@ import sys
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,16 @@ import make_fixtures
 import numpy as np
 import pytest
 import torch
+from conftest import TorchReference
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lstm_surgeon.checkpoint import Checkpoint, OutputTensor
 from lstm_surgeon.errors import CheckpointError, UnsupportedCheckpointError
-from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.formats import open_checkpoint, torch_zip
 
+TORCH_ZIP = torch_zip.FORMAT
 PT_FIXTURES = [fixture.filename for fixture in make_fixtures.FIXTURES if fixture.format == "pt"]
 OPTIMIZER_FIXTURES = {"training.pt", "lightning.ckpt"}
 
@@ -237,6 +241,122 @@ def test_random_torch_save_reads_exactly_as_torch_loads_it(
         assert_same_storages(checkpoint, loaded)
 
 
+def torch_slots(obj: Any) -> dict[str, tuple[Any, Any]]:
+    """Every tensor's (container, key) by the reader's dotted name: first occurrence only, each
+    container walked once (as the reader walks the pickle)."""
+    slots: dict[str, tuple[Any, Any]] = {}
+    seen: set[int] = set()
+
+    def walk(node: Any, path: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        children = list(node.items()) if isinstance(node, Mapping) else list(enumerate(node))
+        for key, value in children:
+            name = f"{path}.{key}" if path else str(key)
+            if isinstance(value, torch.Tensor):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    slots[name] = (node, key)
+            elif isinstance(value, (Mapping, list, tuple)):
+                walk(value, name)
+
+    if isinstance(obj, (Mapping, list, tuple)):
+        walk(obj, "")
+    return slots
+
+
+def assert_same_objects(actual: Any, expected: Any, where: str = "root") -> None:
+    """Same types (Parameter, OrderedDict, torch.Size...), keys in order, attributes (a state
+    dict's `_metadata`), plain values, and tensors with the same layout and bits."""
+    assert type(actual) is type(expected), where
+    if isinstance(expected, torch.Tensor):
+        layout = (expected.dtype, expected.shape, expected.stride(), expected.storage_offset())
+        assert (actual.dtype, actual.shape, actual.stride(), actual.storage_offset()) == layout
+        assert actual.requires_grad == expected.requires_grad, where
+        assert actual.untyped_storage().nbytes() == expected.untyped_storage().nbytes(), where
+        ours, theirs = TorchReference.raw(actual), TorchReference.raw(expected)
+        assert ours.tobytes() == theirs.tobytes(), where
+    elif isinstance(expected, Mapping):
+        assert list(actual) == list(expected), where
+        assert getattr(actual, "__dict__", {}) == getattr(expected, "__dict__", {}), where
+        for key, value in expected.items():
+            assert_same_objects(actual[key], value, f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (ours, theirs) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_objects(ours, theirs, f"{where}.{index}")
+    else:
+        assert actual == expected, where
+
+
+def assert_same_sharing(actual: Any, expected: Any) -> None:
+    """Two tensors share a storage in the output exactly when they do in the expected tree."""
+    ours, theirs = TorchReference.flatten(actual), TorchReference.flatten(expected)
+    assert list(ours) == list(theirs)
+    pointers = {name: t.untyped_storage().data_ptr() for name, t in ours.items() if t.numel()}
+    expected_pointers = {
+        name: t.untyped_storage().data_ptr() for name, t in theirs.items() if t.numel()
+    }
+    for first in pointers:
+        for second in pointers:
+            same = pointers[first] == pointers[second]
+            assert same == (expected_pointers[first] == expected_pointers[second]), (first, second)
+
+
+def rewrite(checkpoint: Checkpoint, tensors: list[OutputTensor], target: Path) -> Path:
+    with open(target, "wb") as out:
+        TORCH_ZIP.write(out, tensors, checkpoint)
+    return target
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(payload=payloads(), data=st.data())
+def test_rewrite_equals_torch_load_of_the_source_with_the_change(
+    tmp_path_factory, save_checkpoint, payload, data
+):
+    """Remove some tensors and give others new elements: torch.load of the output is the source
+    as torch loads it with the same change, every non-tensor value, type and view kept."""
+    folder = tmp_path_factory.mktemp("rewrite")
+    path = save_checkpoint(payload, folder / "random.pt")
+    expected = torch.load(path, weights_only=False)
+    slots = torch_slots(expected)
+    with open_checkpoint(path) as checkpoint:
+        assert list(slots) == [name for name in checkpoint.tensors if name in slots]
+        removable = [name for name, (parent, _) in slots.items() if not isinstance(parent, tuple)]
+        removed = data.draw(st.sets(st.sampled_from(removable)) if removable else st.just(set()))
+        editable = [
+            name
+            for name, ref in checkpoint.tensors.items()
+            if name in slots and name not in removed and ref.is_contiguous and ref.numel
+        ]
+        edited = data.draw(st.sets(st.sampled_from(editable)) if editable else st.just(set()))
+        tensors = []
+        for name, ref in checkpoint.tensors.items():
+            if name in edited and ref.dtype.name in ("float32", "float64", "int64", "int32"):
+                new = np.arange(ref.numel, dtype=ref.dtype.storage).reshape(ref.shape)
+                tensors.append(OutputTensor(ref, data=new))
+            elif name not in removed:
+                tensors.append(OutputTensor(ref, source=ref))
+        rewrite(checkpoint, tensors, folder / "out.pt")
+    objects = {name: parent[key] for name, (parent, key) in slots.items()}
+    by_index = sorted(removed, key=lambda n: slots[n][1] if type(slots[n][1]) is int else -1)
+    for name in reversed(by_index):  # highest list index first: the others stay valid
+        parent, key = slots[name]
+        del parent[key]
+    with torch.no_grad():
+        for tensor in tensors:
+            if tensor.data is not None:
+                objects[tensor.ref.name].copy_(torch.from_numpy(tensor.data))
+    loaded = torch.load(folder / "out.pt", weights_only=True)
+    assert_same_objects(loaded, expected)
+    assert_same_sharing(loaded, expected)
+
+
 def test_colliding_dotted_names_are_not_silently_merged(tmp_checkpoint):
     """{'a.b': t1, 'a': {'b': t2}}: both are 'a.b'; dropping t1 without a word loses a tensor."""
     path = tmp_checkpoint({"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}})
@@ -376,6 +496,19 @@ def test_legacy_torch_save_file_is_refused_with_advice(tmp_path):
     message = assert_one_line_error(error, target)
     assert "pre-1.6" in message
     assert "re-save" in message
+    assert 'map_location="cpu"' in message  # a file saved from a GPU loads on any machine
+
+
+def test_legacy_re_save_hint_works(tmp_path):
+    """Run the code the message suggests, as written, then read the result."""
+    legacy, resaved = tmp_path / "legacy.pt", tmp_path / "resaved.pt"
+    torch.save(nn.GRU(2, 3).state_dict(), legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsupportedCheckpointError) as error:
+        open_checkpoint(legacy)
+    code = str(error.value).split("(", 1)[1].rsplit(")", 1)[0]
+    exec(code, {"torch": torch, "path": legacy, "new_path": resaved})
+    with open_checkpoint(resaved) as checkpoint:
+        assert sorted(checkpoint.tensors) == sorted(nn.GRU(2, 3).state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@
 real global: tensor rebuilders become `TensorStub` records, storages become `StorageStub` records, a few
 plain containers (OrderedDict, set) are allowed, and every other global becomes an inert `Opaque` type that
 remembers its name and arguments. A payload that would call `os.system` gets an `Opaque` object instead.
+
+The tree keeps what a writer needs to write it back unchanged (`pickle_writer`): each tensor stub the call
+that built it, each storage its type, each inert object how it was created and filled.
 """
 
 from __future__ import annotations
@@ -13,24 +16,42 @@ import pickle
 import pickletools
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lstm_surgeon.dtypes import BY_NAME, BY_TORCH_STORAGE_CLASS, DType
 
 
 class StorageType:
-    """What `torch.FloatStorage` (and friends) resolve to: the name of an element type ("" untyped)."""
+    """What `torch.FloatStorage` (and friends) resolve to: the name of an element type ("" untyped),
+    and the global it was named by (`module`, `qualname`)."""
 
-    def __init__(self, dtype_name: str) -> None:
+    def __init__(self, dtype_name: str, module: str = "torch", qualname: str = "") -> None:
         self.dtype_name = dtype_name
+        self.module = module
+        self.qualname = qualname
 
 
 class DTypeName:
     """What `torch.float16` (and friends) resolve to when a pickle names a dtype."""
 
+    module = "torch"
+
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+class TorchSize(tuple):  # type: ignore[type-arg]
+    """What `torch.Size(dims)` resolves to: a tuple that remembers it was a `torch.Size`."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call the pickle made to an allowed function, kept so that a writer can make the same one."""
+
+    module: str
+    name: str
+    args: tuple[Any, ...]
 
 
 def _canonical_dtype(marker: Any) -> DType | None:
@@ -48,11 +69,12 @@ class StorageStub:
     dtype: DType | None
     location: str
     numel: int
+    storage_type: StorageType | None = None  # the type the persistent id named
 
 
 @dataclass
 class TensorStub:
-    """A tensor the pickle would rebuild: a view of a storage."""
+    """A tensor the pickle would rebuild: a view of a storage, and the call that built it."""
 
     storage: StorageStub
     storage_offset: int
@@ -60,31 +82,43 @@ class TensorStub:
     stride: tuple[int, ...]
     dtype: DType
     requires_grad: bool = False
+    built_by: Call | None = None  # the outermost call (a Parameter's, or the rebuilder's)
 
 
 class Opaque:
-    """An instance of a class lstm-surgeon does not re-create: it keeps the arguments and state only."""
+    """An instance of a class lstm-surgeon does not re-create: it keeps what made and filled it.
 
+    `called` tells a call (`REDUCE`: `cls(*args)`) from a bare `cls.__new__(cls, *args)` (`NEWOBJ`);
+    `items` are the (key, value) pairs set or appended, `appended` says which were appended."""
+
+    module = "?"
+    name = "?"
     qualname = "?"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         instance = super().__new__(cls)
         instance.args = args
+        instance.kwargs = kwargs
+        instance.called = False
         instance.state = None
         instance.items = []
+        instance.appended = []
         return instance
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
+        self.called = True
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.items.append((key, value))
+        self.appended.append(False)
 
     def append(self, value: Any) -> None:
         self.items.append((len(self.items), value))
+        self.appended.append(True)
 
     def extend(self, values: Any) -> None:
         for value in values:
@@ -95,21 +129,21 @@ class Opaque:
 
 
 def _opaque_type(module: str, name: str) -> type[Opaque]:
-    return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
+    return type(name, (Opaque,), {"module": module, "name": name, "qualname": f"{module}.{name}"})
 
 
 def _tensor_stub(
-    rebuilder: str,
     storage: Any,
     storage_offset: Any,
     size: Any,
     stride: Any,
     requires_grad: Any,
     dtype: DType | None,
-) -> TensorStub | Opaque:
-    """The record of a tensor view; the fields are checked later, when the tensor is named."""
+) -> TensorStub | None:
+    """The record of a tensor view (None when it is not a storage view lstm-surgeon reads); the
+    fields are checked later, when the tensor is named."""
     if not isinstance(storage, StorageStub) or dtype is None:
-        return _opaque_type("torch._utils", rebuilder)(storage)
+        return None
     return TensorStub(
         storage, storage_offset, tuple(size), tuple(stride), dtype, bool(requires_grad)
     )
@@ -117,11 +151,9 @@ def _tensor_stub(
 
 def _rebuild_tensor_v2(
     storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
-) -> TensorStub | Opaque:
+) -> TensorStub | None:
     dtype = storage.dtype if isinstance(storage, StorageStub) else None
-    return _tensor_stub(
-        "_rebuild_tensor_v2", storage, storage_offset, size, stride, requires_grad, dtype
-    )
+    return _tensor_stub(storage, storage_offset, size, stride, requires_grad, dtype)
 
 
 def _rebuild_tensor_v3(
@@ -133,25 +165,24 @@ def _rebuild_tensor_v3(
     backward_hooks: Any = None,
     dtype: Any = None,
     *_: Any,
-) -> TensorStub | Opaque:
+) -> TensorStub | None:
     element_type = _canonical_dtype(dtype) if isinstance(dtype, DTypeName) else None
-    return _tensor_stub(
-        "_rebuild_tensor_v3", storage, storage_offset, size, stride, requires_grad, element_type
-    )
+    return _tensor_stub(storage, storage_offset, size, stride, requires_grad, element_type)
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
-    return data  # a Parameter is stored as the tensor it wraps
+def _rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> TensorStub | None:
+    return data if isinstance(data, TensorStub) else None  # read as the tensor it wraps
 
 
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> TensorStub | None:
     if isinstance(func, _Global) and func.function in _TENSOR_REBUILDERS:
-        return func(*args)
-    return _opaque_type("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
+        result = func(*args)
+        return result if isinstance(result, TensorStub) else None
+    return None
 
 
-def _torch_size(dims: Any = ()) -> tuple[Any, ...]:
-    return tuple(dims)
+def _torch_size(dims: Any = ()) -> TorchSize:
+    return TorchSize(dims)
 
 
 _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
@@ -176,18 +207,28 @@ _MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LON
 
 class _Global:
     """A fresh, immutable stand-in for an allowed function, one per lookup: a pickle can BUILD on
-    what `find_class` returns, and must not be able to change this module's functions."""
+    what `find_class` returns, and must not be able to change this module's functions.
 
-    __slots__ = ("function",)
+    A call whose arguments are not a tensor lstm-surgeon reads gives an inert `Opaque` that keeps
+    them all; a tensor stub remembers the call that built it."""
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    __slots__ = ("function", "module", "name")
+
+    def __init__(self, module: str, name: str, function: Callable[..., Any]) -> None:
         object.__setattr__(self, "function", function)
+        object.__setattr__(self, "module", module)
+        object.__setattr__(self, "name", name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise pickle.UnpicklingError("a pickle tried to modify a global")
 
     def __call__(self, *args: Any) -> Any:
-        return self.function(*args)
+        result = self.function(*args)
+        if result is None:
+            return _opaque_type(self.module, self.name)(*args)
+        if isinstance(result, TensorStub):
+            return replace(result, built_by=Call(self.module, self.name, args))
+        return result
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -198,11 +239,11 @@ class SafeUnpickler(pickle.Unpickler):
         if isinstance(allowed, type):
             return allowed  # builtin container types: immutable
         if allowed is not None:
-            return _Global(allowed)
+            return _Global(module, name, allowed)
         if (module, name) in _UNTYPED_STORAGES:
-            return StorageType("")
+            return StorageType("", module, name)
         if module == "torch" and name in BY_TORCH_STORAGE_CLASS:
-            return StorageType(BY_TORCH_STORAGE_CLASS[name].name)
+            return StorageType(BY_TORCH_STORAGE_CLASS[name].name, module, name)
         if module == "torch" and name in BY_NAME:
             return DTypeName(name)
         return _opaque_type(module, name)
@@ -216,7 +257,7 @@ class SafeUnpickler(pickle.Unpickler):
         ):
             _, storage_type, key, location, numel = pid
             dtype = _canonical_dtype(storage_type)
-            return StorageStub(str(key), dtype, str(location), int(numel))
+            return StorageStub(str(key), dtype, str(location), int(numel), storage_type)
         raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
 
 

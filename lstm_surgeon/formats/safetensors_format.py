@@ -13,7 +13,14 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef
+from lstm_surgeon.checkpoint import (
+    Checkpoint,
+    Contents,
+    Entry,
+    OutputTensor,
+    StorageRef,
+    TensorRef,
+)
 from lstm_surgeon.dtypes import BY_SAFETENSORS_CODE
 from lstm_surgeon.errors import CheckpointError, EditError
 from lstm_surgeon.writing import BytePatch, Progress
@@ -42,8 +49,9 @@ class SafetensorsFormat:
             size=size,
             tensors=tensors,
             buffer=buffer,
-            metadata=metadata,
-            top_level_keys=tuple(tensors),
+            contents=Contents(
+                entries=tuple(Entry(name, "tensor") for name in tensors), metadata=metadata
+            ),
         )
 
     def checksum_patches(
@@ -63,19 +71,8 @@ class SafetensorsFormat:
         source: Checkpoint,
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
-        """Write tensors in the given order, keeping the source's metadata. A file holds named
-        tensors only, so a source with anything else at its top level (an epoch, a config) is
-        refused rather than converted with data silently lost (`drop_keys` are left out anyway)."""
-        others = [
-            key
-            for key in source.top_level_keys
-            if key not in source.tensors and key not in drop_keys
-        ]
-        if others:
-            raise EditError(
-                f"{source.path}: only a plain state dict converts to safetensors; this file also "
-                f"holds {', '.join(repr(key) for key in others[:3])}"
-            )
+        """Write tensors in the given order, keeping the source's metadata."""
+        _refuse_uncarried(source, tensors, drop_keys)
         header: dict[str, Any] = {}
         if source.metadata is not None:
             header[METADATA_KEY] = source.metadata
@@ -91,6 +88,27 @@ class SafetensorsFormat:
         out.write(encode_header(header))
         for tensor in tensors:
             out.write(tensor.raw(source).data)
+
+
+def _refuse_uncarried(
+    source: Checkpoint, tensors: list[OutputTensor], drop_keys: frozenset[str]
+) -> None:
+    """What a safetensors file cannot carry, refused rather than lost: anything at the top level
+    but named tensors (an epoch, a config, a nested state dict), and a tensor named like the
+    header's metadata key. (Tensors that share or overlap storage are written as separate copies
+    with the same values: a flat parameter buffer's views become the plain tensors they show.)"""
+    others = [
+        key for key in source.top_level_keys if key not in source.tensors and key not in drop_keys
+    ]
+    if others:
+        raise EditError(
+            f"{source.path}: only a plain state dict converts to safetensors; this file also "
+            f"holds {', '.join(repr(key) for key in others[:3])}"
+        )
+    if any(tensor.ref.name == METADATA_KEY for tensor in tensors):
+        raise EditError(
+            f"{source.path}: a tensor named {METADATA_KEY!r} cannot be stored in safetensors"
+        )
 
 
 def encode_header(header: dict[str, Any]) -> bytes:

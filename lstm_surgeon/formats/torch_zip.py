@@ -4,51 +4,98 @@ Reading never runs the pickle's code (`pickle_reader`), so checkpoints that `tor
 refuses still show their tensors. Each tensor is named by its dotted path from the pickle's root
 (`state_dict.model.lstm.bias_ih_l0`). Patching writes into the storage records where they lie and then
 refreshes their CRC-32 everywhere the zip stores it. Writing a new structure (tensors added or dropped)
-needs torch, and only for files whose objects torch can re-create safely.
+writes the reader's own object tree back (`pickle_writer`, `zip_writer`): no torch, nothing executed,
+and every object of the file kept, inert or not; untouched storages keep their bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import pickle
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from lstm_surgeon.checkpoint import (
+    TRAINING_COUNTERS,
     Checkpoint,
+    Contents,
+    Entry,
+    EntryKind,
     OutputTensor,
     StorageRef,
     TensorRef,
     contiguous_strides,
+    optimizer_state_shaped,
+    tensor_view,
 )
-from lstm_surgeon.dtypes import DType
+from lstm_surgeon.dtypes import BY_TORCH_STORAGE_CLASS, DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
 from lstm_surgeon.formats.identify import unreadable_zip_message
-from lstm_surgeon.formats.pickle_reader import Opaque, StorageStub, TensorStub, load_safely
-from lstm_surgeon.formats.zip_records import ZipRecord, read_records, require_stored
-from lstm_surgeon.torch_import import import_torch
+from lstm_surgeon.formats.pickle_reader import (
+    Call,
+    DTypeName,
+    Opaque,
+    StorageStub,
+    StorageType,
+    TensorStub,
+    load_safely,
+)
+from lstm_surgeon.formats.pickle_writer import dumps
+from lstm_surgeon.formats.zip_records import ReadAt, ZipRecord, read_records, require_stored
+from lstm_surgeon.formats.zip_writer import ZipWriter
 from lstm_surgeon.writing import BytePatch, Progress
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
 MAX_DEPTH = 200
+DEFAULT_PREFIX = "archive/"
+# The small records torch.save writes beside data.pkl and the storages (for a file made from scratch).
+DEFAULT_RECORDS = (
+    (".format_version", b"1"),
+    (".storage_alignment", b"64"),
+    ("byteorder", b"little"),
+    ("version", b"3\n"),
+)
+SERIALIZATION_ID = ".data/serialization_id"
+COPY_CHUNK = 1 << 24
+STORAGE_CLASS = {dtype.name: name for name, dtype in BY_TORCH_STORAGE_CLASS.items()}
 
 Location = tuple[Any, ...]  # the keys from the pickle root to a tensor
 
 
-@dataclass
-class ZipDetails:
-    """What writing back needs: the records, the archive prefix, where each tensor sits in the tree."""
+@dataclass(frozen=True)
+class _ZipState:
+    """What only this module needs of a file it read: the archive's records and its folder name."""
 
     records: dict[str, ZipRecord]
     prefix: str
-    locations: dict[str, Location]
-    foreign_objects: list[str]  # qualified names of classes torch would have to re-create
+
+    def pickle_record(self) -> ZipRecord:
+        return self.records[f"{self.prefix}data.pkl"]
+
+    def storage_record(self, key: str) -> ZipRecord | None:
+        return self.records.get(f"{self.prefix}data/{key}")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor sits in the object tree: the container holding it, and its key there."""
+
+    location: Location
+    parent: Any
+    stub: TensorStub
+
+    @property
+    def key(self) -> Any:
+        return self.location[-1]
 
 
 class TorchZipFormat:
@@ -62,38 +109,36 @@ class TorchZipFormat:
         if bytes(buffer[: len(LEGACY_MAGIC)]) == LEGACY_MAGIC:
             raise UnsupportedCheckpointError(
                 f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
-                '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) and try again'
+                '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) '
+                "and try again"
             )
         with open(path, "rb") as file:
-            records = read_records(path, buffer, lambda at, size: os.pread(file.fileno(), size, at))
-        prefix = _archive_prefix(path, records)
-        _check_byteorder(path, buffer, records, prefix)
-        pickle_record = require_stored(path, records[f"{prefix}data.pkl"])
+            records = read_records(path, buffer, _reader(file))
+        state = _ZipState(records, _archive_prefix(path, records))
+        _check_byteorder(path, buffer, records, state.prefix)
+        pickle_record = require_stored(path, state.pickle_record())
         if not pickle_record.check_crc(buffer):
             raise CheckpointError(f"{path}: corrupt file (CRC-32 mismatch in {pickle_record.name})")
-        root = _unpickle(
-            path,
-            bytes(
-                buffer[pickle_record.data_offset : pickle_record.data_offset + pickle_record.size]
-            ),
-        )
-        tensors, locations, foreign = _collect_tensors(path, root, records, prefix)
-        top_keys = tuple(str(key) for key in root) if isinstance(root, dict) else ()
+        root = _unpickle(path, _record_bytes(buffer, pickle_record))
+        tensors = {
+            name: _tensor_ref(path, name, slot.stub, state)
+            for name, slot in _tensor_slots(path, root).items()
+        }
         return Checkpoint(
             path=path,
             format=self,
             size=len(buffer),
             tensors=tensors,
             buffer=buffer,
-            details=ZipDetails(records, prefix, locations, foreign),
-            top_level_keys=top_keys,
+            contents=_contents(root),
+            format_state=state,
         )
 
     def checksum_patches(
         self, checkpoint: Checkpoint, storages: dict[str, bytes]
     ) -> list[BytePatch]:
         """The new CRC-32 of each patched record, everywhere the zip stores it."""
-        records = checkpoint.details.records
+        records = _state(checkpoint).records
         patches = []
         for key, data in storages.items():
             crc = struct.pack("<I", zlib.crc32(data))
@@ -107,14 +152,15 @@ class TorchZipFormat:
         self, checkpoint: Checkpoint, progress: Progress | None
     ) -> tuple[int, list[str]]:
         problems = []
-        for record in checkpoint.details.records.values():
+        records = _state(checkpoint).records
+        for record in records.values():
             if not record.stored:
                 problems.append(f"zip record {record.name}: compressed, so not checked")
             elif not record.check_crc(checkpoint.buffer):
                 problems.append(f"zip record {record.name}: CRC-32 mismatch (corrupt data)")
             if progress is not None:
                 progress(record.size)
-        return len(checkpoint.details.records), problems
+        return len(records), problems
 
     def write(
         self,
@@ -123,15 +169,37 @@ class TorchZipFormat:
         source: Checkpoint,
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
-        """Rebuild the object tree with torch (the one path here that needs it) and torch.save it."""
-        torch = import_torch("a structure-changing edit of a .pt file")
+        """Write the source's object tree (a fresh parse of its pickle, or a plain state dict for a
+        file of another format) with `tensors` in place, less the top-level `drop_keys`.
 
-        root = _load_tree_with_torch(source)
-        originals = _tensors_by_location(root, source)
-        for key in drop_keys:
-            del root[key]
-        _place_tensors(root, tensors, source, originals, torch, drop_keys)
-        torch.save(root, out)
+        What a .pt file cannot carry: string metadata (it has no place for it); only the `format`
+        entry, which a .pt file states by being one, is left behind."""
+        _refuse_uncarried_metadata(source)
+        tree = _EditedTree.of(source)
+        tree.drop_entries(drop_keys)
+        tree.place(tensors, source)
+        try:
+            data_pkl, storage_keys = dumps(tree.root)
+        except (pickle.PicklingError, RecursionError) as error:
+            raise EditError(f"{source.path}: cannot write its object tree back ({error})") from None
+        _write_archive(out, tree, data_pkl, storage_keys, source)
+
+
+def _state(checkpoint: Checkpoint) -> _ZipState:
+    """This module's private facts about a file it read."""
+    state = checkpoint.format_state
+    assert isinstance(state, _ZipState), "not a checkpoint read by the torch.save format"
+    return state
+
+
+def _reader(file: BinaryIO) -> ReadAt:
+    """Read ranges of `file` with pread: the memory map stays untouched, so a large file read
+    once is not counted whole in the process's memory."""
+    return lambda offset, size: os.pread(file.fileno(), size, offset)
+
+
+def _record_bytes(buffer: mmap.mmap | bytes, record: ZipRecord) -> bytes:
+    return bytes(buffer[record.data_offset : record.data_offset + record.size])
 
 
 def _archive_prefix(path: Path, records: dict[str, ZipRecord]) -> str:
@@ -180,17 +248,17 @@ def _unpickle(path: Path, data: bytes) -> Any:
 
 
 def _walk(
-    node: Any, location: Location, visited: set[int], depth: int = 0
-) -> Iterator[tuple[Location, Any]]:
-    """Every (location, value) below `node`, depth first, in container order; an object reached
-    twice (the pickle memo can share containers) is visited once, so a tiny file cannot make the
-    walk exponential."""
+    node: Any, location: Location, parent: Any, visited: set[int], depth: int = 0
+) -> Iterator[tuple[Location, Any, Any]]:
+    """Every (location, value, its container) below `node`, depth first, in container order; an
+    object reached twice (the pickle memo can share containers) is visited once, so a tiny file
+    cannot make the walk exponential."""
     if depth > MAX_DEPTH:
         raise RecursionError("nested too deeply")
     if id(node) in visited:
         return
     visited.add(id(node))
-    yield location, node
+    yield location, node, parent
     if isinstance(node, dict):
         children = list(node.items())
     elif isinstance(node, (list, tuple)):
@@ -203,43 +271,66 @@ def _walk(
         return
     for key, value in children:
         if isinstance(value, (dict, list, tuple, Opaque, TensorStub)):
-            yield from _walk(value, (*location, key), visited, depth + 1)
+            yield from _walk(value, (*location, key), node, visited, depth + 1)
 
 
 def _dotted(location: Location) -> str:
     return ".".join(str(key) for key in location)
 
 
-def _collect_tensors(
-    path: Path, root: Any, records: dict[str, ZipRecord], prefix: str
-) -> tuple[dict[str, TensorRef], dict[str, Location], list[str]]:
-    tensors: dict[str, TensorRef] = {}
-    locations: dict[str, Location] = {}
-    foreign: list[str] = []
+def _tensor_slots(path: Path, root: Any) -> dict[str, _Slot]:
+    """Every tensor of the tree by dotted name, with where it sits (the one naming, for reading
+    and for writing)."""
+    slots: dict[str, _Slot] = {}
     try:
-        for location, node in _walk(root, (), set()):
-            if isinstance(node, Opaque):
-                foreign.append(node.qualname)
+        for location, node, parent in _walk(root, (), None, set()):
             if not isinstance(node, TensorStub):
                 continue
             name = _dotted(location)
-            if name in tensors:
+            if name in slots:
                 raise CheckpointError(f"{path}: two tensors are both named {name!r} (ambiguous)")
-            tensors[name] = _tensor_ref(path, name, node, records, prefix)
-            locations[name] = location
+            slots[name] = _Slot(location, parent, node)
     except RecursionError:
         raise CheckpointError(f"{path}: the object tree is nested too deeply to read") from None
-    return tensors, locations, sorted(set(foreign))
+    return slots
 
 
-def _tensor_ref(
-    path: Path, name: str, stub: TensorStub, records: dict[str, ZipRecord], prefix: str
-) -> TensorRef:
+def _contents(root: Any) -> Contents:
+    """The top-level entries of the tree in neutral terms, optimizer state known by its shape."""
+    if isinstance(root, dict):
+        items = [(str(key), value) for key, value in root.items()]
+    elif isinstance(root, (list, tuple)):
+        items = [(str(index), value) for index, value in enumerate(root)]
+    else:
+        items = []
+    return Contents(
+        entries=tuple(
+            Entry(key, _entry_kind(value), optimizer_state_shaped(value)) for key, value in items
+        ),
+        counters={
+            key: value
+            for key, value in items
+            if key in TRAINING_COUNTERS and type(value) is int  # a bool is not a counter
+        },
+    )
+
+
+def _entry_kind(value: Any) -> EntryKind:
+    if isinstance(value, TensorStub):
+        return "tensor"
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return "container"
+    if isinstance(value, Opaque) or (isinstance(value, type) and issubclass(value, Opaque)):
+        return "object"
+    return "value"
+
+
+def _tensor_ref(path: Path, name: str, stub: TensorStub, state: _ZipState) -> TensorRef:
     if not _well_formed(stub):
         raise CheckpointError(
             f"{path}: tensor {name!r} has a malformed size, stride, offset or dtype"
         )
-    record = records.get(f"{prefix}data/{stub.storage.key}")
+    record = state.storage_record(stub.storage.key)
     if record is None:
         raise CheckpointError(f"{path}: tensor {name!r} refers to a missing storage record")
     require_stored(path, record)
@@ -281,127 +372,226 @@ def _well_formed(stub: TensorStub) -> bool:
     )
 
 
-# --- Writing a new structure (torch needed) ---------------------------------------------------
+# --- Writing a new structure: the reader's tree, edited, written back ---------------------------
 
 
-def _load_tree_with_torch(source: Checkpoint) -> Any:
-    """The source's object tree as torch builds it, refusing anything that is not plain data."""
-    torch = import_torch("a structure-changing edit of a .pt file")
-
-    if source.format_name != "pt":
-        return OrderedDict()
-    details: ZipDetails = source.details
-    if details.foreign_objects:
+def _refuse_uncarried_metadata(source: Checkpoint) -> None:
+    lost = sorted(key for key in source.metadata or {} if key != "format")
+    if lost:
         raise EditError(
-            f"{source.path}: holds objects lstm-surgeon will not re-create safely "
-            f"({', '.join(details.foreign_objects[:3])}); a structure-changing edit needs a file that "
-            "torch.load(weights_only=True) accepts"
+            f"{source.path}: its metadata ({', '.join(repr(key) for key in lost[:3])}) has no place "
+            "in a .pt file; write a .safetensors output to keep it"
         )
-    try:
-        return torch.load(source.path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise EditError(
-            f"{source.path}: torch cannot re-create this file safely ({error})"
-        ) from None
 
 
-def _tensors_by_location(root: Any, source: Checkpoint) -> dict[str, Any]:
-    return {name: _get(root, location) for name, location in _source_locations(source).items()}
+@dataclass
+class _EditedTree:
+    """The object tree of the file being written, and the storages whose bytes are not the source's."""
+
+    path: Path
+    root: Any
+    slots: dict[str, _Slot]
+    state: _ZipState | None  # None: the source is not a torch.save file
+    storages: dict[str, bytearray | np.ndarray] = field(default_factory=dict)
+    next_key: int = 0
+
+    @classmethod
+    def of(cls, source: Checkpoint) -> _EditedTree:
+        """A fresh parse of the source's pickle (the reader's tree stays as it was read), or an
+        empty state dict when the source is of another format."""
+        if not isinstance(source.format_state, _ZipState):
+            return cls(source.path, OrderedDict(), {}, None)
+        state = source.format_state
+        root = _unpickle(source.path, _record_bytes(source.buffer, state.pickle_record()))
+        taken = [
+            int(name.rsplit("/", 1)[1])
+            for name in state.records
+            if name.startswith(f"{state.prefix}data/") and name.rsplit("/", 1)[1].isdigit()
+        ]
+        slots = _tensor_slots(source.path, root)
+        return cls(source.path, root, slots, state, next_key=max(taken, default=-1) + 1)
+
+    def drop_entries(self, keys: frozenset[str]) -> None:
+        """Remove top-level entries (by their printed key, as `Contents` names them) with all they
+        hold; a list's from the highest index down, so the others keep theirs."""
+        if not keys:
+            return
+        if not isinstance(self.root, (dict, list)):
+            raise EditError(f"{self.path}: cannot remove entries from a {_kind_of(self.root)}")
+        present = self.root if isinstance(self.root, dict) else range(len(self.root))
+        for key in reversed([key for key in present if str(key) in keys]):
+            del self.root[key]
+        self.slots = {
+            name: slot for name, slot in self.slots.items() if str(slot.location[0]) not in keys
+        }
+
+    def place(self, tensors: list[OutputTensor], source: Checkpoint) -> None:
+        """Remove the tensors not in `tensors`, give edited ones their new elements, and add the
+        new ones, each right after the tensor listed before it (the order `apply` decided)."""
+        wanted = {tensor.ref.name for tensor in tensors}
+        self._remove([name for name in self.slots if name not in wanted])
+        previous: str | None = None
+        for tensor in tensors:
+            name = tensor.ref.name
+            if name not in self.slots:
+                self._add(tensor, source, previous)
+            elif tensor.data is not None:
+                self._edit(tensor, source)
+            previous = name
+
+    def _remove(self, names: list[str]) -> None:
+        # Highest list index first, so the indices still to delete stay valid.
+        for name in sorted(names, key=lambda n: _sort_key(self.slots[n].key), reverse=True):
+            slot = self.slots.pop(name)
+            if not isinstance(slot.parent, (dict, list)):
+                raise EditError(
+                    f"{self.path}: tensor {name!r} sits inside a {_kind_of(slot.parent)}; only "
+                    "tensors of dicts and lists can be removed"
+                )
+            del slot.parent[slot.key]
+
+    def _edit(self, tensor: OutputTensor, source: Checkpoint) -> None:
+        """Write the new elements into a copy of the tensor's storage: views sharing it stay shared."""
+        ref = source.tensors[tensor.ref.name]
+        key = self.slots[tensor.ref.name].stub.storage.key
+        if key not in self.storages:
+            offset, size = ref.storage.offset, ref.storage.nbytes
+            self.storages[key] = bytearray(source.buffer[offset : offset + size])
+        storage = self.storages[key]
+        assert isinstance(storage, bytearray)
+        view = tensor_view(storage, replace(ref, storage=StorageRef(key, 0, len(storage))))
+        view[...] = tensor.raw(source)
+
+    def _add(self, tensor: OutputTensor, source: Checkpoint, previous: str | None) -> None:
+        name = tensor.ref.name
+        parent, key, location = self._new_slot(name, previous)
+        if key in parent:
+            raise EditError(f"{self.path}: cannot add tensor {name!r}: its key is already taken")
+        stub = self._new_stub(tensor.ref)
+        self.storages[stub.storage.key] = tensor.raw(source)
+        beside = self.slots.get(previous) if previous is not None else None
+        _insert_after(parent, beside.key if beside and beside.parent is parent else None, key, stub)
+        self.slots[name] = _Slot(location, parent, stub)
+
+    def _new_slot(self, name: str, previous: str | None) -> tuple[dict[Any, Any], Any, Location]:
+        """Where a new tensor goes: beside the tensor before it when both name the same module (its
+        key is that tensor's key with the last name part replaced), else at the root by its name."""
+        module, _, leaf = name.rpartition(".")
+        if previous is not None and previous in self.slots:
+            slot = self.slots[previous]
+            previous_module, _, previous_leaf = previous.rpartition(".")
+            last = str(slot.key)
+            if (
+                isinstance(slot.parent, dict)
+                and previous_module == module
+                and last.endswith(previous_leaf)
+            ):
+                key = last[: len(last) - len(previous_leaf)] + leaf
+                return slot.parent, key, (*slot.location[:-1], key)
+        if not isinstance(self.root, dict):
+            raise EditError(
+                f"{self.path}: cannot add tensor {name!r}: the file's root is not a mapping"
+            )
+        return self.root, name, (name,)
+
+    def _new_stub(self, ref: TensorRef) -> TensorStub:
+        """A new contiguous tensor in a storage of its own, built the way torch.save writes it
+        (`_rebuild_tensor_v2` of a typed storage, or `_v3` with an untyped one for the element types
+        that have no storage class)."""
+        key, self.next_key = str(self.next_key), self.next_key + 1
+        stride = contiguous_strides(ref.shape)
+        hooks: OrderedDict[Any, Any] = OrderedDict()
+        typed = STORAGE_CLASS.get(ref.dtype.name)
+        if typed is not None:
+            kind = StorageType(ref.dtype.name, "torch", typed)
+            storage = StorageStub(key, ref.dtype, "cpu", ref.numel, kind)
+            args: tuple[Any, ...] = (storage, 0, ref.shape, stride, False, hooks)
+            call = Call("torch._utils", "_rebuild_tensor_v2", args)
+        else:
+            kind = StorageType("", "torch.storage", "UntypedStorage")
+            storage = StorageStub(key, None, "cpu", ref.nbytes, kind)
+            args = (storage, 0, ref.shape, stride, False, hooks, DTypeName(ref.dtype.name))
+            call = Call("torch._utils", "_rebuild_tensor_v3", args)
+        return TensorStub(storage, 0, ref.shape, stride, ref.dtype, False, call)
+
+    def storage_chunks(self, key: str, read_at: ReadAt) -> Iterator[bytes | memoryview]:
+        """A storage's bytes: its new ones, or the source record's, read in chunks with `read_at`
+        (a pread: touching the memory map would count the whole file in the process's memory)."""
+        if key in self.storages:
+            yield _byte_view(self.storages[key])
+            return
+        record = self.state.storage_record(key) if self.state is not None else None
+        if record is None:
+            raise EditError(f"{self.path}: the object tree refers to a missing storage {key!r}")
+        end = record.data_offset + record.size
+        for start in range(record.data_offset, end, COPY_CHUNK):
+            yield read_at(start, min(COPY_CHUNK, end - start))
 
 
-def _get(root: Any, location: Location) -> Any:
-    node = root
-    for key in location:
-        node = node[key]
-    return node
+def _byte_view(data: bytearray | np.ndarray) -> memoryview:
+    if isinstance(data, bytearray):
+        return memoryview(data)
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
 
-def _location_for(name: str, source: Checkpoint) -> Location:
-    """Where tensor `name` goes: the location of the source tensor it is named after (same name or
-    a sibling in the same module), with the last key adjusted."""
-    locations = _source_locations(source)
-    if not locations:
-        return (name,)
-    if name in locations:
-        return locations[name]
-    module, _, parameter = name.rpartition(".")
-    for other, location in locations.items():
-        other_module, _, other_parameter = other.rpartition(".")
-        last = str(location[-1])
-        if other_module == module and last.endswith(other_parameter):
-            return (*location[:-1], last[: len(last) - len(other_parameter)] + parameter)
-    return (name,)
+def _sort_key(key: Any) -> tuple[int, Any]:
+    """List indices in numeric order; dict keys in any consistent order after them."""
+    return (1, key) if type(key) is int else (0, 0)
 
 
-def _place_tensors(
-    root: Any,
-    tensors: list[OutputTensor],
+def _kind_of(container: Any) -> str:
+    return container.qualname if isinstance(container, Opaque) else type(container).__name__
+
+
+def _insert_after(parent: dict[Any, Any], anchor: Any, key: Any, value: Any) -> None:
+    """Set `parent[key] = value` right after `anchor` (at the end when there is none)."""
+    if anchor is None or anchor not in parent or next(reversed(parent)) == anchor:
+        parent[key] = value  # appending: no reordering (a conversion adds every tensor this way)
+        return
+    items = list(parent.items())
+    index = list(parent).index(anchor) + 1
+    parent.clear()  # an OrderedDict keeps its attributes (a state dict's `_metadata`)
+    parent.update([*items[:index], (key, value), *items[index:]])
+
+
+def _write_archive(
+    out: BinaryIO,
+    tree: _EditedTree,
+    data_pkl: bytes,
+    storage_keys: list[str],
     source: Checkpoint,
-    originals: dict[str, Any],
-    torch: Any,
-    dropped: frozenset[str],
 ) -> None:
-    """Drop the source tensors not in `tensors`, set the others, and put each new key right after
-    the tensor listed before it in the same container."""
-    wanted = {out.ref.name for out in tensors}
-    for name, location in _source_locations(source).items():
-        if name not in wanted and location[0] not in dropped:
-            del _get(root, location[:-1])[location[-1]]
-    inserted: dict[int, tuple[Any, list[tuple[Any, Any]]]] = {}
-    previous: dict[int, Any] = {}
-    for out in tensors:
-        location = _location_for(out.ref.name, source)
-        parent, key = _get(root, location[:-1]), location[-1]
-        if isinstance(parent, dict) and key not in parent:
-            inserted.setdefault(id(parent), (parent, []))[1].append((key, previous.get(id(parent))))
-        parent[key] = _torch_tensor(out, source, originals, torch)
-        previous[id(parent)] = key
-    for parent, new_keys in inserted.values():
-        _insert_after_anchors(parent, new_keys)
+    """The records torch.save writes: data.pkl, the small ones, each storage, a serialization id."""
+    prefix = tree.state.prefix if tree.state is not None else DEFAULT_PREFIX
+    with open(source.path, "rb") as file:
+        read_at = _reader(file)
+        records: list[tuple[str, Iterable[bytes | memoryview]]] = [
+            (f"{prefix}data.pkl", [data_pkl]),
+            *_small_records(tree, prefix, source.buffer),
+            *((f"{prefix}data/{key}", tree.storage_chunks(key, read_at)) for key in storage_keys),
+        ]
+        writer = ZipWriter(out)
+        identity = hashlib.sha1()
+        for name, chunks in records:
+            crc = writer.add(name, chunks)
+            identity.update(f"{name}:{crc};".encode())
+    serialization_id = f"{int.from_bytes(identity.digest()[:16], 'big'):040d}"
+    writer.add(prefix + SERIALIZATION_ID, [serialization_id.encode()])
+    writer.close()
 
 
-def _insert_after_anchors(container: dict[Any, Any], new_keys: list[tuple[Any, Any]]) -> None:
-    """Reorder `container` so each (key, anchor) sits right after its anchor (first if None)."""
-    followers: dict[Any, list[Any]] = {}
-    for key, anchor in new_keys:
-        followers.setdefault(anchor, []).append(key)
-    fresh = {key for key, _ in new_keys}
-    order: list[Any] = []
-
-    def emit(key: Any) -> None:
-        order.append(key)
-        for follower in followers.get(key, []):
-            emit(follower)
-
-    for key in followers.get(None, []):
-        emit(key)
-    for key in [key for key in container if key not in fresh]:
-        emit(key)
-    items = [(key, container[key]) for key in order]
-    metadata = getattr(container, "_metadata", None)
-    container.clear()
-    container.update(items)
-    if metadata is not None:
-        container._metadata = metadata  # type: ignore[attr-defined]
-
-
-def _source_locations(source: Checkpoint) -> dict[str, Location]:
-    return source.details.locations if source.format_name == "pt" else {}
-
-
-def _torch_tensor(
-    out: OutputTensor, source: Checkpoint, originals: dict[str, Any], torch: Any
-) -> Any:
-    if out.data is None and out.source is not None and out.source.name in originals:
-        return originals[out.source.name]
-    raw = out.raw(source)
-    dtype = getattr(torch, out.ref.dtype.name)
-    tensor = (
-        torch.frombuffer(bytearray(raw.tobytes()), dtype=dtype)
-        if raw.size
-        else torch.empty(0, dtype=dtype)
-    )
-    return tensor.reshape(out.ref.shape)
+def _small_records(
+    tree: _EditedTree, prefix: str, buffer: mmap.mmap | bytes
+) -> list[tuple[str, list[bytes]]]:
+    """The source's records other than its pickle, storages and id (as they were), or torch's."""
+    if tree.state is None:
+        return [(prefix + name, [data]) for name, data in DEFAULT_RECORDS]
+    replaced = (f"{prefix}data.pkl", f"{prefix}{SERIALIZATION_ID}")
+    return [
+        (name, [_record_bytes(buffer, require_stored(tree.path, record))])
+        for name, record in tree.state.records.items()
+        if name not in replaced and not name.startswith(f"{prefix}data/")
+    ]
 
 
 FORMAT = TorchZipFormat()
