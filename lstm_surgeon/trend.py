@@ -177,15 +177,17 @@ def _first_counter(counters: Mapping[str, int], names: Iterable[str]) -> int | N
 
 
 def training_counters(checkpoint: Checkpoint) -> dict[str, int]:
-    """The training counters the checkpoint stores as whole numbers: safetensors metadata strings
-    (`"global_step": "1200"`). Counters inside a `.pt` container come from the neutral record of
-    a checkpoint's non-tensor content once it carries them."""
+    """The training counters the checkpoint stores as whole numbers: plain integers of its
+    container (`Contents.counters`: Lightning's `epoch` and `global_step`, a training loop's
+    `epoch`), and metadata strings that are whole numbers (`"global_step": "1200"` in a
+    safetensors header)."""
     names = {name for counters in COUNTERS_BY_ORDER.values() for name in counters}
-    return {
+    from_metadata = {
         name: int(value)
-        for name, value in (checkpoint.metadata or {}).items()
+        for name, value in (checkpoint.contents.metadata or {}).items()
         if name in names and re.fullmatch(r"[+-]?[0-9]+", value.strip())
     }
+    return from_metadata | dict(checkpoint.contents.counters)
 
 
 def _gate_biases(

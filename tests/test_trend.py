@@ -170,6 +170,43 @@ def test_epochs_order_the_run_when_a_step_is_missing(run_cli, tmp_path):
     assert [p["step"] for p in document["checkpoints"]] == [0, 1, 2]
 
 
+def test_a_lightning_global_step_in_a_pt_orders_the_run(run_cli, tmp_path):
+    """Lightning stores `epoch` and `global_step` at the top of the container: the step wins."""
+    paths = []
+    for name, epoch, step in (("last.ckpt", 2, 900), ("early.ckpt", 0, 10), ("mid.ckpt", 1, 450)):
+        state = {f"model.{k}": v for k, v in lstm_state(step).items()}
+        torch.save({"state_dict": state, "epoch": epoch, "global_step": step}, tmp_path / name)
+        paths.append(tmp_path / name)
+    document = run_json(run_cli, *paths, "--gate", "forget", "--layer", "*encoder")
+    assert document["order"] == ORDER_STEP
+    order = [(Path(p["path"]).name, p["step"]) for p in document["checkpoints"]]
+    assert order == [("early.ckpt", 10), ("mid.ckpt", 450), ("last.ckpt", 900)]
+
+
+def test_the_epoch_of_a_training_loop_checkpoint_orders_the_run(run_cli, tmp_path):
+    paths = []
+    for name, epoch in (("b.pt", 7), ("a.pt", 3), ("c.pt", 5)):
+        torch.save({"model_state_dict": lstm_state(epoch), "epoch": epoch}, tmp_path / name)
+        paths.append(tmp_path / name)
+    document = run_json(run_cli, *paths)
+    assert document["order"] == ORDER_EPOCH
+    assert [Path(p["path"]).name for p in document["checkpoints"]] == ["a.pt", "c.pt", "b.pt"]
+
+
+def test_the_fixtures_counters_are_read(fixtures_dir, make_fixtures):
+    """training.pt stores epoch 3; lightning.ckpt stores an epoch and a global step."""
+    from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.trend import training_counters
+
+    lightning = make_fixtures.build_payload("lightning.ckpt")
+    training = make_fixtures.build_payload("training.pt")
+    with open_checkpoint(fixtures_dir / "lightning.ckpt") as checkpoint:
+        counters = training_counters(checkpoint)
+    assert counters == {"epoch": lightning["epoch"], "global_step": lightning["global_step"]}
+    with open_checkpoint(fixtures_dir / "training.pt") as checkpoint:
+        assert training_counters(checkpoint) == {"epoch": training["epoch"]}
+
+
 def test_a_counter_that_is_not_a_whole_number_does_not_count(run_cli, tmp_path):
     names = ["r2.safetensors", "r10.safetensors"]
     document = run_json(run_cli, *write_run(tmp_path, names, [{"step": "5"}, {"step": "1.5"}]))
