@@ -2,15 +2,17 @@
 
 Same-structure edits to a file of the same format are patches: `-o` copies the file in the kernel and
 writes the new slices into the copy; `--in-place` journals the old bytes, then writes the slices into the
-file itself. Everything else (tensors added or dropped, another output format) rewrites the file through
-its format module. Every write is atomic.
+file itself (into every file of a checkpoint split over several, all or nothing). Everything else
+(tensors added or dropped, another output format) rewrites the file through its format module. Every
+write is atomic, and the user is asked to confirm while nothing is locked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,21 +21,23 @@ import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef, tensor_view
 from lstm_surgeon.dtypes import BY_NAME
-from lstm_surgeon.errors import OutputError
-from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint
+from lstm_surgeon.errors import EditError, OutputError
+from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint_files
 from lstm_surgeon.plan import EditPlan, SliceEdit, edited_copy
 from lstm_surgeon.writing import (
+    RECOVER_HINT,
     BytePatch,
     Progress,
+    absolute,
     atomic_output,
     backup_copy,
     check_output_path,
     copy_file,
-    exclusive_lock,
-    fault_point,
-    finish_journal,
+    entry_for,
+    exclusive_locks,
+    patch_files,
+    recover_interrupted_edit,
     roll_back,
-    write_journal,
     write_patches,
 )
 
@@ -77,24 +81,16 @@ class WriteResult:
         }
 
 
-@contextlib.contextmanager
-def open_for_edit(path: Path, in_place: bool) -> Iterator[Checkpoint]:
-    """Open a checkpoint to edit; for in-place edits, hold the file's lock from reading to writing."""
-    if not in_place:
-        with open_checkpoint(path) as checkpoint:
-            yield checkpoint
-        return
-    with exclusive_lock(path) as locked:
-        roll_back(path, locked)
-        with open_checkpoint(path, recover=False) as checkpoint:
-            yield checkpoint
-
-
+Source = Path | Sequence[Path]  # a checkpoint: its file, or the files it is split over
 Planner = Callable[[Checkpoint], EditPlan]
 
 
+def source_paths(source: Source) -> list[Path]:
+    return [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+
+
 def edit_checkpoint(
-    path: Path,
+    path: Source,
     planner: Planner,
     destination: Destination | None,
     before_write: Callable[[EditPlan], bool] = lambda plan: True,
@@ -103,13 +99,74 @@ def edit_checkpoint(
     """Open, plan, and (unless `destination` is None: a dry run) write; the whole edit in one call.
 
     `before_write` sees the plan before anything is written (to preview it, or to ask the user) and
-    returns False to stop there. For in-place edits the file stays locked from reading to writing."""
-    in_place = destination is not None and destination.in_place
-    with open_for_edit(path, in_place) as checkpoint:
+    returns False to stop there. It runs while nothing is locked: an in-place edit then locks every
+    file, opens and plans again, and refuses to write if the plan changed meanwhile (the file was
+    edited while the user was deciding). A dry run only reads; an edit first rolls back an
+    interrupted one. `path` may be the list of files one checkpoint is split over."""
+    paths = source_paths(path)
+    if destination is None:
+        with open_checkpoint_files(paths) as checkpoint:
+            return planner(checkpoint), None
+    for each in paths:
+        recover_interrupted_edit(each)
+    with open_checkpoint_files(paths) as checkpoint:
         plan = planner(checkpoint)
-        if destination is None or not before_write(plan):
+        refuse_unsupported(checkpoint, plan, destination)
+        if not before_write(plan):
             return plan, None
+        if not destination.in_place:
+            return plan, apply_plan(plan, checkpoint, destination, progress)
+    with open_locked(paths) as checkpoint:
+        require_same_plan(plan, planner(checkpoint), checkpoint)
         return plan, apply_plan(plan, checkpoint, destination, progress)
+
+
+@contextlib.contextmanager
+def open_locked(source: Source) -> Iterator[Checkpoint]:
+    """Open a checkpoint to edit in place: every file locked (in one fixed order) from reading to
+    writing, an interrupted edit rolled back first. `apply_plan` with `in_place` needs this."""
+    paths = source_paths(source)
+    with exclusive_locks(paths) as held:
+        for path in paths:
+            roll_back(path, held)
+        with open_checkpoint_files(paths) as checkpoint:
+            yield checkpoint
+
+
+def require_same_plan(shown: EditPlan, now: EditPlan, checkpoint: Checkpoint) -> None:
+    """Refuse to write a plan other than the one the user saw."""
+    if _fingerprint(shown) != _fingerprint(now):
+        raise EditError(
+            f"{checkpoint.path}: changed after this edit was planned (another lstm-surgeon or "
+            "another program edited it); nothing was written. Run the command again to plan the "
+            "edit on the file as it is now"
+        )
+
+
+def _fingerprint(plan: EditPlan) -> tuple[str, tuple[bytes, ...]]:
+    """What an edit shows and writes: its report, and the exact new elements."""
+    report = json.dumps(plan.to_dict(), sort_keys=True, default=str)
+    return report, tuple(np.ascontiguousarray(edit.new_raw).tobytes() for edit in plan.edits)
+
+
+def refuse_unsupported(checkpoint: Checkpoint, plan: EditPlan, destination: Destination) -> None:
+    """What a checkpoint of several files cannot do yet, said before anything is asked or written."""
+    if len(checkpoint.files) == 1:
+        return
+    if not destination.in_place:
+        raise OutputError(
+            f"{checkpoint.path}: -o writes one file, and this checkpoint is {len(checkpoint.files)} "
+            "files; edit it with --in-place"
+        )
+    if destination.backup:
+        raise OutputError(
+            f"{checkpoint.path}: --backup of a checkpoint of several files is not supported yet"
+        )
+    if plan.changes_structure:
+        raise EditError(
+            f"{checkpoint.path}: adding or dropping tensors of a checkpoint of several files is "
+            "not supported yet; only edits of existing values are"
+        )
 
 
 def apply_plan(
@@ -118,7 +175,10 @@ def apply_plan(
     destination: Destination,
     progress: Progress | None = None,
 ) -> WriteResult:
-    """Write the plan's result where `destination` says (in-place edits need `open_for_edit`)."""
+    """Write the plan's result where `destination` says (in-place edits need `open_locked`)."""
+    refuse_unsupported(checkpoint, plan, destination)
+    if any(file.pending_rollback for file in checkpoint.files):
+        raise EditError(f"{checkpoint.path}: {RECOVER_HINT.format(path=checkpoint.path)} first")
     target = checkpoint.path if destination.in_place else destination.output
     assert target is not None
     target_format = _target_format(checkpoint, target, destination.in_place)
@@ -153,33 +213,35 @@ def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> Chec
 
 
 def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePatch]:
-    """The bytes a same-structure edit writes, as (offset, old, new): each touched storage is
-    edited in memory, trimmed to the bytes that change, plus the checksums the format keeps."""
-    edits_by_storage: dict[str, list[SliceEdit]] = {}
+    """The bytes a same-structure edit writes, as (file, offset, old, new): each touched storage
+    is edited in memory, trimmed to the bytes that change, plus the checksums the format keeps."""
+    edits_by_storage: dict[tuple[int, str], list[SliceEdit]] = {}
     for edit in edits:
-        key = checkpoint.tensors[edit.tensor].storage.key
-        edits_by_storage.setdefault(key, []).append(edit)
+        storage = checkpoint.tensors[edit.tensor].storage
+        edits_by_storage.setdefault(storage.identity, []).append(edit)
     patches, new_storages = [], {}
-    for key, storage_edits in edits_by_storage.items():
+    for storage_edits in edits_by_storage.values():
         storage = checkpoint.tensors[storage_edits[0].tensor].storage
-        old = bytes(checkpoint.buffer[storage.offset : storage.offset + storage.nbytes])
+        buffer = checkpoint.files[storage.file].buffer
+        old = bytes(buffer[storage.offset : storage.offset + storage.nbytes])
         new = bytearray(old)
         for edit in storage_edits:
             ref = checkpoint.tensors[edit.tensor]
             edit.write_into(tensor_view(new, replace(ref, storage=replace(storage, offset=0))))
-        changed = _changed_span(storage.offset, old, bytes(new))
+        changed = _changed_span(storage, old, bytes(new))
         if changed:
             patches += changed
-            new_storages[key] = bytes(new)
+            new_storages[storage] = bytes(new)
     return patches + checkpoint.format.checksum_patches(checkpoint, new_storages)
 
 
-def _changed_span(offset: int, old: bytes, new: bytes) -> list[BytePatch]:
+def _changed_span(storage: StorageRef, old: bytes, new: bytes) -> list[BytePatch]:
     differs = np.flatnonzero(np.frombuffer(old, np.uint8) != np.frombuffer(new, np.uint8))
     if differs.size == 0:
         return []
     first, last = int(differs[0]), int(differs[-1]) + 1
-    return [BytePatch(offset + first, old[first:last], new[first:last])]
+    offset = storage.offset + first
+    return [BytePatch(offset, old[first:last], new[first:last], storage.file)]
 
 
 def _copy_and_patch(
@@ -198,30 +260,25 @@ def _copy_and_patch(
 
 
 def _patch_in_place(checkpoint: Checkpoint, patches: list[BytePatch]) -> None:
-    """Journal the old and new bytes, patch, make it durable, drop the journal; roll back on any
-    failure (Ctrl-C included)."""
-    path = checkpoint.path
-    try:
-        file = open(path, "r+b")  # noqa: SIM115 - closed in the finally below
-    except OSError as error:
-        raise OutputError(f"{path}: cannot open for editing: {error.strerror}") from None
-    try:
+    """Patch every file the edit touches, all or nothing (`writing.patch_files`: journals first,
+    rolled back on any failure, Ctrl-C included). The caller holds the files' locks."""
+    touched = sorted({patch.file for patch in patches})
+    with contextlib.ExitStack() as stack:
+        held, entries = {}, []
+        for index in touched:
+            path = checkpoint.files[index].path
+            try:
+                file = stack.enter_context(open(path, "r+b"))
+            except OSError as error:
+                raise OutputError(f"{path}: cannot open for editing: {error.strerror}") from None
+            held[absolute(path)] = file
+            entries.append(entry_for(path, file, [p for p in patches if p.file == index]))
         try:
-            write_journal(path, file, patches)
-            fault_point("after-journal")
-            write_patches(file, patches[:1])
-            fault_point("mid-patch")
-            write_patches(file, patches[1:])
-            os.fsync(file.fileno())
-            fault_point("before-journal-removal")
-        except BaseException:
-            roll_back(path, file)
-            raise
-        finish_journal(path)
-    except OSError as error:
-        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
-    finally:
-        file.close()
+            patch_files(entries, held)
+        except OSError as error:
+            raise OutputError(
+                f"{checkpoint.path}: cannot write: {error.strerror or error}"
+            ) from None
 
 
 def _mode(checkpoint: Checkpoint) -> int:

@@ -15,7 +15,7 @@ from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats import open_checkpoint
-from lstm_surgeon.writing import Progress
+from lstm_surgeon.writing import RECOVER_HINT, Progress, StaleJournalError
 
 
 @dataclass
@@ -42,18 +42,38 @@ class CheckReport:
 
 
 def check_checkpoint(path: Path, progress: Progress | None = None) -> CheckReport:
-    """Every problem found in the file; missing files and folders raise (they are not checkpoints)."""
+    """Every problem found in the file; missing files and folders raise (they are not checkpoints).
+
+    Checking only reads. A file whose in-place edit was interrupted is a problem (other programs
+    read the bytes on disk, which may be half edited); the rest of the report describes the
+    checkpoint the rollback restores, or, when the journal no longer fits, the bytes on disk."""
     if not path.is_file():
         open_checkpoint(path)  # raises the same clear error every command gives
+    problems = []
     try:
-        checkpoint = open_checkpoint(path)
+        checkpoint = _open(path, problems)
     except CheckpointError as error:
-        return CheckReport(str(path), None, [str(error)])
+        return CheckReport(str(path), None, [*problems, str(error)])
     with checkpoint:
-        report = CheckReport(str(path), checkpoint.format_name)
+        report = CheckReport(str(path), checkpoint.format_name, problems)
         _check_records(checkpoint, report, progress)
         _check_recurrent_values(checkpoint, report)
     return report
+
+
+def _open(path: Path, problems: list[str]) -> Checkpoint:
+    try:
+        checkpoint = open_checkpoint(path)
+    except StaleJournalError as error:
+        problems.append(str(error))
+        return open_checkpoint(path, ignore_journal=True)
+    if any(file.pending_rollback for file in checkpoint.files):
+        problems.append(
+            "an in-place edit of this file was interrupted, so the bytes on disk may be half "
+            f"edited; {RECOVER_HINT.format(path=path)} (the other checks describe the checkpoint "
+            "the rollback restores)"
+        )
+    return checkpoint
 
 
 def _check_records(checkpoint: Checkpoint, report: CheckReport, progress: Progress | None) -> None:

@@ -1,8 +1,10 @@
 """The format-neutral checkpoint model: where each tensor's bytes lie, and how to read them.
 
-A `Checkpoint` is a read-only memory map of the file plus a `TensorRef` per tensor. Nothing is read until
-asked for, so opening a 1 GB file costs what opening a 1 MB one does. Formats (`formats/`) build these
-records; everything else (discovery, statistics, edits, diff) only sees these records.
+A `Checkpoint` is one or more files (`CheckpointFile`: a path and a read-only memory map of it) plus a
+`TensorRef` per tensor, whose `StorageRef` names the file its bytes lie in and where. Nothing is read
+until asked for, so opening a 1 GB file costs what opening a 1 MB one does. Formats (`formats/`) build
+these records; everything else (discovery, statistics, edits, diff) only sees these records, so a
+checkpoint split over several files (shards) is no different to them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StorageRef:
-    """A contiguous run of bytes in the file that one or more tensors view."""
+    """A contiguous run of bytes in one of the checkpoint's files that one or more tensors view."""
 
-    key: str
-    offset: int  # absolute file offset of the first byte
+    key: str  # unique within its file (two files may both hold an `archive/data/0`)
+    offset: int  # absolute offset of the first byte in its file
     nbytes: int
+    file: int = 0  # index into `Checkpoint.files`; a single-file checkpoint has only file 0
+
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What tells two storages apart across the files of one checkpoint."""
+        return self.file, self.key
 
 
 @dataclass(frozen=True)
@@ -127,15 +135,36 @@ def _one_optimizer_state(value: Any) -> bool:
     return isinstance(value, Mapping) and "state" in value and "param_groups" in value
 
 
+Buffer = mmap.mmap | bytes
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One file of a checkpoint and a read-only map of its bytes.
+
+    `pending_rollback` is True when an in-place edit of the file was interrupted and the map shows
+    the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk."""
+
+    path: Path
+    buffer: Buffer
+    pending_rollback: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.buffer)
+
+
 @dataclass
 class Checkpoint:
-    """An opened checkpoint file: its tensors in file order, and a read-only map of its bytes."""
+    """An opened checkpoint: its tensors in file order, and the files that hold their bytes.
+
+    `path` is the path the user gave (the first of `files`); a checkpoint of several files is opened
+    with `formats.open_checkpoint_files`."""
 
     path: Path
     format: CheckpointFormat
-    size: int
     tensors: dict[str, TensorRef]
-    buffer: mmap.mmap | bytes
+    files: tuple[CheckpointFile, ...]
     contents: Contents = field(default_factory=Contents)
     # Facts only the format module that read the file uses (its zip records, ...); no other code
     # reads them, so a format's internals never leak into the neutral model.
@@ -155,6 +184,16 @@ class Checkpoint:
         return self.contents.keys
 
     @property
+    def size(self) -> int:
+        """The bytes of every file together."""
+        return sum(file.size for file in self.files)
+
+    @property
+    def buffer(self) -> Buffer:
+        """The map of the main file (the only one of a single-file checkpoint)."""
+        return self.files[0].buffer
+
+    @property
     def has_optimizer_state(self) -> bool:
         """True when the file carries optimizer moments (keyed by parameter index, not by name)."""
         return bool(self.optimizer_keys())
@@ -166,7 +205,9 @@ class Checkpoint:
     def raw(self, ref: TensorRef | str) -> np.ndarray:
         """The tensor's elements as stored (bfloat16 as uint16), a read-only view of the file."""
         ref = self.tensors[ref] if isinstance(ref, str) else ref
-        return tensor_view(self.buffer, ref)
+        view = tensor_view(self.files[ref.storage.file].buffer, ref)
+        view.flags.writeable = False  # a map with a rollback overlay is writeable; the view is not
+        return view
 
     def values(self, ref: TensorRef | str) -> np.ndarray:
         """The tensor's exact values as a float64 copy (for statistics and comparisons)."""
@@ -174,17 +215,16 @@ class Checkpoint:
         return widen(self.raw(ref), ref.dtype)
 
     def storages(self) -> Iterator[StorageRef]:
-        """Each storage once, in file order."""
-        seen: dict[str, StorageRef] = {}
+        """Each storage once, in file order (file by file)."""
+        seen: dict[tuple[int, str], StorageRef] = {}
         for ref in self.tensors.values():
-            seen.setdefault(ref.storage.key, ref.storage)
-        yield from sorted(seen.values(), key=lambda storage: storage.offset)
+            seen.setdefault(ref.storage.identity, ref.storage)
+        yield from sorted(seen.values(), key=lambda storage: (storage.file, storage.offset))
 
     def close(self) -> None:
-        """Unmap the file; views returned by `raw()` keep it mapped until they are released."""
-        if isinstance(self.buffer, mmap.mmap):
-            with contextlib.suppress(BufferError):
-                self.buffer.close()
+        """Unmap the files; views returned by `raw()` keep a file mapped until they are released."""
+        for file in self.files:
+            close_buffer(file.buffer)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -193,7 +233,13 @@ class Checkpoint:
         self.close()
 
 
-def tensor_view(buffer: mmap.mmap | bytes | bytearray, ref: TensorRef) -> np.ndarray:
+def close_buffer(buffer: Buffer) -> None:
+    if isinstance(buffer, mmap.mmap):
+        with contextlib.suppress(BufferError):
+            buffer.close()
+
+
+def tensor_view(buffer: Buffer | bytearray, ref: TensorRef) -> np.ndarray:
     """A numpy view of `ref`'s elements inside `buffer` (writeable when the buffer is)."""
     storage = np.frombuffer(
         buffer,

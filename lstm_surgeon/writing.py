@@ -6,8 +6,10 @@
   first, so the result survives a power loss too; a plain `-o` skips that, as `cp` does.
 - The bulk of an unchanged checkpoint is copied by the kernel (`copy_file_range`, else `sendfile`).
 - An in-place patch first writes the original bytes of every region it will touch to a journal next to
-  the file (fsynced), then patches, fsyncs and deletes the journal. A run that finds a journal rolls
-  the file back to the old checkpoint. An exclusive `flock` keeps two editors of one file apart.
+  each file it touches (fsynced), then patches, fsyncs and deletes the journals. An editing run (or
+  `recover_interrupted_edit`) that finds a journal rolls every file back to the old checkpoint; a
+  reading run only reads the checkpoint as that rollback would leave it (`formats.open_checkpoint`).
+  Exclusive `flock`s, taken in one fixed order, keep two editors of one file apart.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,7 +32,10 @@ from typing import BinaryIO
 from lstm_surgeon.errors import CheckpointError, EditError, OutputError
 
 Progress = Callable[[int], None]  # called with the number of bytes just done
-JOURNAL_MAGIC = b"lstm-surgeon journal 2\n"
+JOURNAL_MAGIC = b"lstm-surgeon journal 3\n"  # one edit of one or more files
+JOURNAL_MAGIC_SINGLE_FILE = (
+    b"lstm-surgeon journal 2\n"  # left by earlier versions: still rolled back
+)
 LOCK_WAIT_SECONDS = 60.0
 COPY_CHUNK = 1 << 26
 
@@ -171,6 +176,25 @@ def exclusive_lock(path: Path, wait_seconds: float = LOCK_WAIT_SECONDS) -> Itera
         file.close()
 
 
+Held = dict[Path, BinaryIO]  # locked files by absolute path
+
+
+@contextlib.contextmanager
+def exclusive_locks(paths: Iterable[Path]) -> Iterator[Held]:
+    """Hold the locks of several files, taken in one fixed order (sorted absolute paths) so that
+    two editors of overlapping sets of files cannot each wait for the other."""
+    with contextlib.ExitStack() as stack:
+        held: Held = {}
+        for path in sorted({absolute(path) for path in paths}, key=str):
+            held[path] = stack.enter_context(exclusive_lock(path))
+        yield held
+
+
+def absolute(path: Path) -> Path:
+    """The path as journals and locks name it: absolute, without `..`, symbolic links kept."""
+    return Path(os.path.abspath(path))
+
+
 def _try_lock(file: BinaryIO, deadline: float) -> bool:
     while True:
         try:
@@ -191,99 +215,117 @@ def _still_same_file(file: BinaryIO, path: Path) -> bool:
 
 
 # --- The journal of an in-place patch ---------------------------------------------------------
+#
+# An in-place edit of several files is all-or-nothing. Every file touched gets a journal beside it
+# that lists *every* file's identity and old and new bytes; all journals are durable before the
+# first file is touched, and they are removed only after every file is patched and fsynced. A
+# journal left behind (by `kill -9` at any moment) therefore means: roll back every file it lists.
+# Removing the journals one by one is safe too: while one is left, recovery rolls every file back.
 
 
 @dataclass(frozen=True)
 class BytePatch:
-    """Bytes to write at an offset of the file, with the bytes they replace."""
+    """Bytes to write at an offset of one file of the checkpoint, with the bytes they replace."""
 
     offset: int
     old: bytes
     new: bytes
+    file: int = 0  # index into `Checkpoint.files`
 
 
-def write_patches(file: BinaryIO, patches: list[BytePatch]) -> None:
-    for patch in patches:
-        os.pwrite(file.fileno(), patch.new, patch.offset)
+Identity = tuple[int, int, int]  # device, inode, size: which file a journal was written for
 
 
-def write_journal(path: Path, file: BinaryIO, patches: list[BytePatch]) -> Path:
-    """Save, durably and next to `path`, which file is being patched and the old and new bytes of
-    every patch: enough to roll the file back, and to tell whether the journal still fits it."""
+@dataclass(frozen=True)
+class JournalEntry:
+    """One file of an in-place edit: its path, which file it was, and the patches it gets."""
+
+    path: Path  # absolute
+    identity: Identity
+    patches: tuple[BytePatch, ...]
+
+    def fits(self, fd: int) -> bool:
+        """True when the file open at `fd` is the journaled one and every patched region holds
+        its old or its new bytes (a file changed since must never be 'rolled back')."""
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino, info.st_size) != self.identity:
+            return False
+        return all(
+            os.pread(fd, len(patch.old), patch.offset) in (patch.old, patch.new)
+            for patch in self.patches
+        )
+
+    def is_file(self, fd: int) -> bool:
+        info = os.fstat(fd)
+        return (info.st_dev, info.st_ino) == self.identity[:2]
+
+
+class StaleJournalError(CheckpointError):
+    """A journal beside the file no longer fits it: rolling back would corrupt the file."""
+
+
+def entry_for(path: Path, file: BinaryIO, patches: list[BytePatch]) -> JournalEntry:
     info = os.fstat(file.fileno())
+    return JournalEntry(absolute(path), (info.st_dev, info.st_ino, info.st_size), tuple(patches))
+
+
+def encode_journal(folder: Path, entries: list[JournalEntry]) -> bytes:
+    """A journal to store in `folder`: paths relative to it (a moved folder keeps working)."""
     body = bytearray(JOURNAL_MAGIC)
-    body += struct.pack("<QQQI", info.st_dev, info.st_ino, info.st_size, len(patches))
-    for patch in patches:
-        body += struct.pack("<QQ", patch.offset, len(patch.old)) + patch.old + patch.new
+    body += struct.pack("<I", len(entries))
+    for entry in entries:
+        name = os.fsencode(os.path.relpath(entry.path, folder))
+        body += struct.pack("<H", len(name)) + name
+        body += struct.pack("<QQQI", *entry.identity, len(entry.patches))
+        for patch in entry.patches:
+            body += struct.pack("<QQ", patch.offset, len(patch.old)) + patch.old + patch.new
     body += hashlib.sha256(body).digest()
-    journal = journal_path(path)
-    try:
-        with open(journal, "wb") as out:
-            out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        fsync_folder(path.parent)
-    except BaseException:
-        journal.unlink(missing_ok=True)  # the file was not touched yet: nothing to roll back
-        raise
-    return journal
+    return bytes(body)
 
 
-def finish_journal(path: Path) -> None:
-    """The patch is durable: the journal is no longer needed."""
-    journal_path(path).unlink(missing_ok=True)
-    fsync_folder(path.parent)
-
-
-def roll_back(path: Path, file: BinaryIO) -> bool:
-    """Undo an interrupted patch of `file` using its journal; True if something was rolled back.
-
-    An incomplete journal (the run died while writing it) means the file was not touched yet: it
-    is removed. A complete one is applied only if it fits the file: same file (device, inode,
-    size) and every patched region still holding its old or its new bytes; otherwise the file has
-    changed since, and nothing is written. The caller holds the exclusive lock."""
+def read_journal(path: Path) -> tuple[JournalEntry, ...] | None:
+    """The entries of the journal beside `path`: None when there is none, () when it is incomplete
+    (the run died while writing it, so no file was touched yet)."""
     journal = journal_path(path)
     try:
         body = journal.read_bytes()
     except FileNotFoundError:
-        return False
-    parsed = _parse_journal(body)
-    if parsed is None:
-        finish_journal(path)
-        return False
-    identity, patches = parsed
-    if not _journal_fits(file, identity, patches):
+        return None
+    except OSError as error:
         raise CheckpointError(
-            f"{path}: the journal {journal.name} of an interrupted in-place edit does not match "
-            "this file (it changed since); nothing was rolled back. If `lstm-surgeon check` finds "
-            "the file sound, delete the journal"
-        )
-    for patch in patches:
-        os.pwrite(file.fileno(), patch.old, patch.offset)
-    os.fsync(file.fileno())
-    finish_journal(path)
-    return True
+            f"{path}: an in-place edit of this file was interrupted and its journal "
+            f"{journal.name} cannot be read ({error.strerror}); {RECOVER_HINT.format(path=path)}"
+        ) from None
+    if len(body) < 32 or hashlib.sha256(body[:-32]).digest() != body[-32:]:
+        return ()
+    if body.startswith(JOURNAL_MAGIC):
+        return _parse_entries(body[:-32], len(JOURNAL_MAGIC), journal.parent)
+    if body.startswith(JOURNAL_MAGIC_SINGLE_FILE):
+        identity = struct.unpack_from("<QQQ", body, len(JOURNAL_MAGIC_SINGLE_FILE))
+        count_at = len(JOURNAL_MAGIC_SINGLE_FILE) + 24
+        patches, _ = _parse_patches(body, count_at)
+        return (JournalEntry(absolute(path), identity, patches),)
+    return ()
 
 
-def _journal_fits(file: BinaryIO, identity: tuple[int, int, int], patches: list[BytePatch]) -> bool:
-    info = os.fstat(file.fileno())
-    if (info.st_dev, info.st_ino, info.st_size) != identity:
-        return False
-    for patch in patches:
-        current = os.pread(file.fileno(), len(patch.old), patch.offset)
-        if current not in (patch.old, patch.new):
-            return False
-    return True
+def _parse_entries(body: bytes, position: int, folder: Path) -> tuple[JournalEntry, ...]:
+    (count,) = struct.unpack_from("<I", body, position)
+    position += 4
+    entries = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", body, position)
+        name = os.fsdecode(body[position + 2 : position + 2 + length])
+        identity = struct.unpack_from("<QQQ", body, position + 2 + length)
+        patches, position = _parse_patches(body, position + 2 + length + 24)
+        entries.append(JournalEntry(absolute(folder / name), identity, patches))
+    return tuple(entries)
 
 
-def _parse_journal(body: bytes) -> tuple[tuple[int, int, int], list[BytePatch]] | None:
-    header = len(JOURNAL_MAGIC) + 28
-    if len(body) < header + 32 or not body.startswith(JOURNAL_MAGIC):
-        return None
-    if hashlib.sha256(body[:-32]).digest() != body[-32:]:
-        return None
-    device, inode, size, count = struct.unpack_from("<QQQI", body, len(JOURNAL_MAGIC))
-    position, patches = header, []
+def _parse_patches(body: bytes, position: int) -> tuple[tuple[BytePatch, ...], int]:
+    """The patches after a count at `position`, and where they end."""
+    (count,) = struct.unpack_from("<I", body, position)
+    position += 4
+    patches = []
     for _ in range(count):
         offset, length = struct.unpack_from("<QQ", body, position)
         position += 16
@@ -291,20 +333,140 @@ def _parse_journal(body: bytes) -> tuple[tuple[int, int, int], list[BytePatch]] 
         new = body[position + length : position + 2 * length]
         patches.append(BytePatch(offset, old, new))
         position += 2 * length
-    return (device, inode, size), patches
+    return tuple(patches), position
+
+
+def write_journals(entries: list[JournalEntry]) -> None:
+    """Make a journal of the whole edit durable beside every file, before any file is touched; on
+    failure remove the ones written (nothing was touched, so there is nothing to roll back)."""
+    written: list[JournalEntry] = []
+    try:
+        for entry in entries:
+            if written:
+                fault_point("between-journals")
+            _write_durably(journal_path(entry.path), encode_journal(entry.path.parent, entries))
+            written.append(entry)
+    except BaseException:
+        for entry in written:
+            journal_path(entry.path).unlink(missing_ok=True)
+        journal_path(entries[len(written)].path).unlink(missing_ok=True)
+        raise
+
+
+def _write_durably(path: Path, body: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    fsync_folder(path.parent)
+
+
+def remove_journals(paths: Iterable[Path]) -> None:
+    """The edit is durable (or rolled back): the journals beside these files are not needed."""
+    for index, path in enumerate(paths):
+        if index:
+            fault_point("mid-journal-removal")
+        journal_path(path).unlink(missing_ok=True)
+        fsync_folder(path.parent)
+
+
+def patch_files(entries: list[JournalEntry], held: Held) -> None:
+    """Journal, patch every file, make it durable, drop the journals; on any failure (Ctrl-C
+    included) roll every file back. The caller holds the lock of every file."""
+    files = [_held_file(entry, held) for entry in entries]
+    write_journals(entries)
+    try:
+        fault_point("after-journal")
+        for index, (entry, file) in enumerate(zip(entries, files, strict=True)):
+            if index:
+                fault_point("between-files")
+            write_patches(file, list(entry.patches[:1]))
+            if index == 0:
+                fault_point("mid-patch")
+            write_patches(file, list(entry.patches[1:]))
+        for file in files:
+            os.fsync(file.fileno())
+        fault_point("before-journal-removal")
+        remove_journals(entry.path for entry in entries)
+    except BaseException:
+        _restore(entries, files)  # an interrupted removal too: a journal may be left
+        raise
+
+
+def write_patches(file: BinaryIO, patches: list[BytePatch]) -> None:
+    for patch in patches:
+        os.pwrite(file.fileno(), patch.new, patch.offset)
+
+
+def _held_file(entry: JournalEntry, held: Held) -> BinaryIO:
+    file = held.get(entry.path)
+    if file is None:
+        raise EditError(
+            f"{entry.path}: was edited together with files this run did not lock; "
+            f"{RECOVER_HINT.format(path=entry.path)}"
+        )
+    return file
+
+
+def _restore(entries: Sequence[JournalEntry], files: list[BinaryIO]) -> None:
+    """Write every file's old bytes back, make that durable, then drop the journals."""
+    for entry, file in zip(entries, files, strict=True):
+        for patch in entry.patches:
+            os.pwrite(file.fileno(), patch.old, patch.offset)
+    for file in files:
+        os.fsync(file.fileno())
+    remove_journals(entry.path for entry in entries)
+
+
+def roll_back(path: Path, held: Held) -> bool:
+    """Undo an interrupted edit found beside `path` in every file it touched; True if something
+    was rolled back. The caller holds the lock of `path` and of every file the journal lists.
+
+    An incomplete journal means no file was touched yet: it is removed. A complete one is applied
+    only if it fits every file (same file, each region holding its old or its new bytes);
+    otherwise a file has changed since, and nothing is written."""
+    entries = read_journal(path)
+    if entries is None:
+        return False
+    if not entries:
+        remove_journals([path])
+        return False
+    files = [_held_file(entry, held) for entry in entries]
+    for entry, file in zip(entries, files, strict=True):
+        if not entry.fits(file.fileno()):
+            raise stale_journal(entry.path)
+    _restore(entries, files)
+    return True
+
+
+def stale_journal(path: Path) -> StaleJournalError:
+    return StaleJournalError(
+        f"{path}: the journal {journal_path(path).name} of an interrupted in-place edit does not "
+        "match this file (it changed since); nothing was rolled back. If `lstm-surgeon check` "
+        "finds the file sound, delete the journal"
+    )
+
+
+RECOVER_HINT = (
+    "run `lstm-surgeon recover {path}` (or any editing command) as a user who can write the file "
+    "and its folder to roll it back"
+)
 
 
 def recover_interrupted_edit(path: Path) -> bool:
-    """If an in-place edit of `path` was killed, roll the file back to the old checkpoint."""
-    if not journal_path(path).exists():
+    """If an in-place edit of `path` was killed, roll back every file it touched (this one and
+    any edited with it) to the old checkpoint; True if something was rolled back. This is the
+    one place, with the editing commands, where reading a checkpoint may write to it."""
+    entries = read_journal(path)
+    if entries is None:
         return False
     try:
-        with exclusive_lock(path) as file:
-            return roll_back(path, file)
-    except OutputError:
+        with exclusive_locks([path, *(entry.path for entry in entries)]) as held:
+            return roll_back(path, held)
+    except OutputError as error:
         raise CheckpointError(
-            f"{path}: an in-place edit of this file was interrupted; run lstm-surgeon once as a "
-            "user who can write the file (and its folder) to roll it back"
+            f"{path}: an in-place edit of this file was interrupted ({error}); "
+            f"{RECOVER_HINT.format(path=path)}"
         ) from None
 
 

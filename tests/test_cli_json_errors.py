@@ -228,13 +228,13 @@ def test_installed_command_edit_error_as_json(surgeon, fixtures_dir, tmp_path):
 
 SIGINT_DURING_THE_EDIT = """
 import os, signal, sys
-import lstm_surgeon.apply
+import lstm_surgeon.writing
 
 def fault_point(name):
     if name == "mid-patch":
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered while the file is patched
 
-lstm_surgeon.apply.fault_point = fault_point
+lstm_surgeon.writing.fault_point = fault_point
 from lstm_surgeon.cli import main
 sys.argv[0] = "lstm-surgeon"
 main()

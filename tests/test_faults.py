@@ -13,11 +13,15 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import os
+import pty
 import random
 import resource
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +40,7 @@ from safetensors.numpy import save_file
 
 from lstm_surgeon.check import check_checkpoint
 from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.writing import recover_interrupted_edit
 
 DEBRIS_SUFFIXES = (".lstm-surgeon-tmp", ".lstm-surgeon-journal")
 FAULT_POINTS = ["after-journal", "mid-patch", "before-journal-removal"]
@@ -59,8 +64,15 @@ def assert_zip_sound(path: Path) -> None:
 
 
 def recover(path: Path) -> None:
-    """What any later command does first: roll back an interrupted in-place edit."""
-    open_checkpoint(path).close()
+    """What any later editing command does first: roll back an interrupted in-place edit."""
+    recover_interrupted_edit(path)
+
+
+def inspected_layers(surgeon: Callable[..., Any], path: Path) -> list[Any]:
+    """What `inspect --json` reports of the file's recurrent layers."""
+    result = surgeon("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["layers"]
 
 
 # --- A full disk ----------------------------------------------------------------------------
@@ -443,13 +455,35 @@ def test_kill_at_each_step_of_an_in_place_edit(
     expected_now = {"after-journal": original, "before-journal-removal": edited}
     if fault in expected_now:
         assert target.read_bytes() == expected_now[fault]
-    # A later command (any of them) rolls the file back to the checkpoint the journal saved.
-    result = surgeon("inspect", target)
-    assert result.returncode == 0, result.stderr
+    left = target.read_bytes()
+    # A reading command shows the checkpoint the journal saved, and writes nothing.
+    pristine = tmp_path / "pristine" / filename
+    pristine.parent.mkdir()
+    pristine.write_bytes(original)
+    assert inspected_layers(surgeon, target) == inspected_layers(surgeon, pristine)
+    assert target.read_bytes() == left
+    assert journal.exists()
+    assert not check_checkpoint(target).sound  # the bytes on disk are not the checkpoint yet
+    # An editing command (here its library call) rolls the file back to the saved checkpoint.
+    recover(target)
     assert target.read_bytes() == original
     assert debris(tmp_path) == []
     assert_zip_sound(target)
     assert check_checkpoint(target).sound
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_the_next_edit_rolls_back_an_interrupted_one_first(
+    surgeon, fixture_copy, tmp_path, zoo_versions, filename
+):
+    _, edited, _ = zoo_versions[filename]
+    target = fixture_copy(filename)
+    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "mid-patch"})
+    assert result.returncode == -signal.SIGKILL
+    result = surgeon(*EDIT, target, "--in-place", "-y")
+    assert result.returncode == 0, result.stderr
+    assert target.read_bytes() == edited  # the edit of the rolled-back file, not of a half one
+    assert debris(tmp_path) == []
 
 
 def test_the_in_place_result_is_the_output_result(surgeon, fixture_copy, zoo_versions):
@@ -501,7 +535,7 @@ def test_kill_at_random_times_leaves_old_or_new(surgeon_command, tmp_path, zoo_v
 
 SIGINT_AT_FAULT_POINT = """
 import os, signal, sys
-import lstm_surgeon.apply
+import lstm_surgeon.writing
 
 wanted = sys.argv.pop(1)
 
@@ -509,7 +543,7 @@ def fault_point(name):
     if name == wanted:
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered at this very step
 
-lstm_surgeon.apply.fault_point = fault_point
+lstm_surgeon.writing.fault_point = fault_point
 from lstm_surgeon.cli import main
 sys.argv[0] = "lstm-surgeon"
 main()
@@ -548,12 +582,19 @@ def test_interrupted_edit_of_a_read_only_file_is_explained(
 ):
     target = shared_dir / "model.pt"
     shutil.copyfile(fixtures_dir / "ddp.pt", target)
-    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "after-journal"})
+    result = surgeon(*EDIT, target, "--in-place", "-y", env={"LSTM_SURGEON_FAULT": "mid-patch"})
     assert result.returncode == -signal.SIGKILL
     target.chmod(0o444)
+    left = sha256(target)
+    # Reading works for a user who cannot roll the file back, and says what happened.
     result = surgeon("inspect", target, preexec_fn=unprivileged)
+    assert result.returncode == 0, result.stderr
+    assert "interrupted" in result.stderr and "recover" in result.stderr
+    # Editing needs the rollback first, which this user cannot do: one clear line.
+    result = surgeon(*EDIT, target, "-o", shared_dir / "out.pt", preexec_fn=unprivileged)
     line = assert_clean_failure(result.stderr, result.returncode)
-    assert "interrupted" in line or "journal" in line, line
+    assert "interrupted" in line and "recover" in line, line
+    assert sha256(target) == left
 
 
 # --- Two editors at once ----------------------------------------------------------------------
@@ -593,9 +634,16 @@ def chain(
 
 
 def assert_waited_or_refused(result: subprocess.CompletedProcess[str]) -> None:
+    """Success, or one clear refusal: the lock was busy too long, or (after the preview, which the
+    user saw with the lock released) the file changed before the lock was taken."""
     if result.returncode != 0:
-        line = assert_clean_failure(result.stderr, result.returncode)
-        assert "another lstm-surgeon" in line
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if "error:" in line]
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert errors == lines[-1:], result.stderr
+        assert errors[0].startswith("lstm-surgeon: error: "), result.stderr
+        assert "another lstm-surgeon" in errors[0]
 
 
 @pytest.mark.parametrize("filename", ZOO)
@@ -756,3 +804,114 @@ def test_a_journal_that_no_longer_fits_the_file_is_never_applied(
     line = assert_clean_failure(result.stderr, result.returncode)
     assert "journal" in line and "does not match" in line
     assert target.read_bytes() == replacement
+    # `check` names the stale journal and checks the bytes on disk, so the user can decide.
+    report = check_checkpoint(target)
+    assert [problem for problem in report.problems if "does not match" in problem]
+    assert report.problems == [report.problems[0]]  # the replacement itself is sound
+    assert report.tensors_scanned > 0
+    assert target.read_bytes() == replacement
+
+
+# --- The confirmation question is asked with nothing locked -------------------------------------
+
+
+def ask_in_a_terminal(
+    command: list[str], args: list[str]
+) -> tuple[subprocess.Popen[bytes], int, bytes]:
+    """Start an edit whose stdin and stderr are a terminal, and wait for its question; returns
+    the process, the terminal's controlling end, and what was printed until then."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*command, *args],
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=clean_environment(),
+    )
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 60
+    while b"Write the checkpoint in place?" not in shown and time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 1)
+        if ready:
+            shown += os.read(controller, 4096)
+    assert b"Write the checkpoint in place?" in shown, shown
+    return process, controller, shown
+
+
+def answer(process: subprocess.Popen[bytes], controller: int, text: bytes) -> bytes:
+    """Type `text` into the terminal and read what follows until the process ends."""
+    os.write(controller, text)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    process.wait(timeout=60)
+    os.close(controller)
+    return output
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_the_question_waits_with_the_file_unlocked(
+    surgeon_command, tmp_path, zoo_versions, filename
+):
+    original, edited, _ = zoo_versions[filename]
+    target = tmp_path / filename
+    target.write_bytes(original)
+    process, controller, _ = ask_in_a_terminal(surgeon_command, [*EDIT, str(target), "--in-place"])
+    assert not locked_by_another(target)
+    assert debris(tmp_path) == []
+    answer(process, controller, b"y\n")
+    assert process.returncode == 0
+    assert target.read_bytes() == edited
+
+
+@pytest.mark.parametrize("filename", ZOO)
+def test_an_edit_made_while_the_question_waits_is_not_overwritten(
+    surgeon, surgeon_command, run_cli, fixtures_dir, tmp_path, filename
+):
+    """Another editor edits the file while the first one waits for its answer (before, it would
+    have waited a minute for the lock, then failed); the first then refuses to write a plan made
+    for the old file."""
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    other_edit = chain(run_cli, fixtures_dir / filename, expected, ADD)
+    target = tmp_path / filename
+    shutil.copyfile(fixtures_dir / filename, target)
+    process, controller, _ = ask_in_a_terminal(surgeon_command, [*EDIT, str(target), "--in-place"])
+    result = surgeon(*ADD, target, "--in-place", "-y")
+    assert result.returncode == 0, result.stderr
+    output = answer(process, controller, b"y\n").decode()
+    assert process.returncode == 2
+    assert "changed after this edit was planned" in output
+    assert "Traceback" not in output
+    assert target.read_bytes() == other_edit
+    assert debris(tmp_path) == []
+
+
+def test_a_journal_left_by_the_previous_version_is_still_rolled_back(fixture_copy, tmp_path):
+    """Journals of format 2 (one file) were written before edits could span several files; one
+    left by a killed run of that version must still be read and rolled back, never ignored."""
+    target = fixture_copy("zoo.safetensors")
+    original = target.read_bytes()
+    offset = len(original) - 8
+    info = target.stat()
+    body = b"lstm-surgeon journal 2\n" + struct.pack(
+        "<QQQI", info.st_dev, info.st_ino, info.st_size, 1
+    )
+    body += struct.pack("<QQ", offset, 8) + original[offset:] + b"\xff" * 8
+    body += hashlib.sha256(body).digest()
+    target.with_name(f".{target.name}.lstm-surgeon-journal").write_bytes(body)
+    with open(target, "r+b") as file:  # the patch the killed run had written
+        os.pwrite(file.fileno(), b"\xff" * 8, offset)
+    with open_checkpoint(target) as checkpoint:
+        assert bytes(checkpoint.buffer[offset:]) == original[offset:]
+    assert target.read_bytes()[offset:] == b"\xff" * 8  # reading wrote nothing
+    assert recover_interrupted_edit(target)
+    assert target.read_bytes() == original
+    assert debris(tmp_path) == []

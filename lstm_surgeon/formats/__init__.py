@@ -8,15 +8,18 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from lstm_surgeon.checkpoint import Buffer, Checkpoint, Contents, Entry, TensorRef, close_buffer
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats.identify import unreadable_message
 
 if TYPE_CHECKING:
-    from lstm_surgeon.checkpoint import Checkpoint, OutputTensor
-    from lstm_surgeon.writing import BytePatch, Progress
+    from lstm_surgeon.checkpoint import OutputTensor, StorageRef
+    from lstm_surgeon.writing import BytePatch, JournalEntry, Progress
 
 
 class CheckpointFormat(Protocol):
@@ -32,9 +35,10 @@ class CheckpointFormat(Protocol):
         """Parse and validate the file's structure; read no tensor data beyond what that needs."""
 
     def checksum_patches(
-        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+        self, checkpoint: Checkpoint, storages: dict[StorageRef, bytes]
     ) -> list[BytePatch]:
-        """The checksum bytes to rewrite when storages (by key) get these new bytes."""
+        """The checksum bytes to rewrite (each in its storage's file) when storages get these new
+        bytes."""
 
     def checksum_problems(
         self, checkpoint: Checkpoint, progress: Progress | None
@@ -67,31 +71,155 @@ def format_for_suffix(path: Path) -> CheckpointFormat | None:
     return None
 
 
-def open_checkpoint(path: str | os.PathLike[str], recover: bool = True) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], *, ignore_journal: bool = False) -> Checkpoint:
     """Open a checkpoint of any supported format, detected by content, not by suffix.
 
-    If an in-place edit of the file was killed, the file is first rolled back to the old checkpoint
-    (`recover=False` is for callers that already hold the edit lock and did that themselves)."""
-    path = Path(path)
-    if recover and path.is_file():
-        from lstm_surgeon.writing import recover_interrupted_edit
+    Reading never writes: the file is opened read-only and nothing else is created or locked. When
+    an in-place edit of the file was killed (its journal lies beside it), the checkpoint is read as
+    the rollback will leave it: the journal's old bytes overlay a private copy-on-write map, and
+    the file on disk is untouched until an editing command (or `recover_interrupted_edit`) rolls it
+    back. `ignore_journal` reads the bytes on disk as they are (for `check`)."""
+    return open_checkpoint_files([path], ignore_journal=ignore_journal)
 
-        recover_interrupted_edit(path)
-    buffer = _map_file(path)
+
+def open_checkpoint_files(
+    paths: Sequence[str | os.PathLike[str]], *, ignore_journal: bool = False
+) -> Checkpoint:
+    """Open one checkpoint whose tensors lie in several files (shards), read-only: each file is
+    read by its format and their tensors joined (see `join_checkpoints`); `path` is the first.
+
+    The journals beside every file are read together, so an interrupted edit of several files
+    reads as all old even when it was killed while removing its journals."""
+    paths = [Path(path) for path in paths]
+    if not paths:
+        raise CheckpointError("no checkpoint file given")
+    entries = () if ignore_journal else _journal_entries(paths)
+    parts: list[Checkpoint] = []
+    try:
+        for path in paths:
+            parts.append(_open_file(path, entries))
+        return parts[0] if len(parts) == 1 else join_checkpoints(parts)
+    except BaseException:
+        for part in parts:
+            part.close()
+        raise
+
+
+def join_checkpoints(parts: Sequence[Checkpoint]) -> Checkpoint:
+    """One checkpoint made of single-file checkpoints of one format: each tensor keeps its bytes
+    in its own file (its `StorageRef.file` becomes that file's index), names stay unique.
+
+    Only files that stand alone can be joined for now (safetensors: each shard is a complete file
+    of named tensors; a torch zip's object tree describes one file only)."""
+    first = parts[0]
+    _require_distinct(parts)
+    tensors: dict[str, TensorRef] = {}
+    for index, part in enumerate(parts):
+        _require_joinable(first, part)
+        for name, ref in part.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{part.path}: tensor {name!r} is also in another file")
+            tensors[name] = replace(ref, storage=replace(ref.storage, file=index))
+    return Checkpoint(
+        path=first.path,
+        format=first.format,
+        tensors=tensors,
+        files=tuple(file for part in parts for file in part.files),
+        contents=Contents(
+            entries=tuple(Entry(name, "tensor") for name in tensors), metadata=first.metadata
+        ),
+        warnings=[warning for part in parts for warning in part.warnings],
+    )
+
+
+def _require_joinable(first: Checkpoint, part: Checkpoint) -> None:
+    if part.format is not first.format or part.format_state is not None:
+        raise CheckpointError(
+            f"{part.path}: only safetensors files can form one checkpoint of several files for now"
+        )
+
+
+def _require_distinct(parts: Sequence[Checkpoint]) -> None:
+    """One file given twice (under two names) would be locked twice by an edit, and its tensors
+    counted twice."""
+    seen: set[tuple[int, int]] = set()
+    for part in parts:
+        info = os.stat(part.path)
+        if (info.st_dev, info.st_ino) in seen:
+            raise CheckpointError(f"{part.path}: is given twice")
+        seen.add((info.st_dev, info.st_ino))
+
+
+def _journal_entries(paths: list[Path]) -> tuple[JournalEntry, ...]:
+    """Every entry of every journal beside these files (each file's own journal lists the files
+    edited with it)."""
+    from lstm_surgeon.writing import read_journal
+
+    return tuple(entry for path in paths for entry in read_journal(path) or ())
+
+
+def _open_file(path: Path, entries: tuple[JournalEntry, ...]) -> Checkpoint:
+    buffer, pending = _map_file(path, entries)
+    try:
+        fmt = _sniff(path, buffer)
+        checkpoint = fmt.read(path, buffer)
+    except BaseException:
+        close_buffer(buffer)
+        raise
+    if pending:
+        checkpoint.files = (replace(checkpoint.files[0], pending_rollback=True),)
+        checkpoint.warnings.append(f"{path}: {PENDING_ROLLBACK_NOTE.format(path=path)}")
+    return checkpoint
+
+
+PENDING_ROLLBACK_NOTE = (
+    "an in-place edit of this file was interrupted; this shows the checkpoint as it was before "
+    "that edit (run `lstm-surgeon recover {path}` or any editing command to roll the file back)"
+)
+
+
+def _sniff(path: Path, buffer: Buffer) -> CheckpointFormat:
     head = bytes(buffer[:64])
     for fmt in _formats():
         if fmt.sniff(head):
-            try:
-                return fmt.read(path, buffer)
-            except BaseException:
-                _close(buffer)
-                raise
-    message = unreadable_message(path, buffer)
-    _close(buffer)
-    raise CheckpointError(message)
+            return fmt
+    raise CheckpointError(unreadable_message(path, buffer))
 
 
-def _map_file(path: Path) -> mmap.mmap | bytes:
+def _map_file(path: Path, entries: tuple[JournalEntry, ...]) -> tuple[Buffer, bool]:
+    """A read-only map of the file, with the old bytes of an interrupted edit overlaid (in a
+    private copy-on-write map); True when there was one to overlay."""
+    _require_regular_file(path)
+    try:
+        with open(path, "rb") as file:
+            patches = _pending_patches(path, file.fileno(), entries)
+            if not patches:
+                return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ), False
+            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror}") from None
+    for patch in patches:
+        buffer[patch.offset : patch.offset + len(patch.old)] = patch.old
+    return buffer, True
+
+
+def _pending_patches(path: Path, fd: int, entries: tuple[JournalEntry, ...]) -> list[BytePatch]:
+    """The old bytes to show instead of the file's, from the journal entries of this very file;
+    a journal beside it that does not fit it (the file changed since) is an error."""
+    from lstm_surgeon.writing import absolute, stale_journal
+
+    own = [entry for entry in entries if entry.path == absolute(path)]
+    if any(not entry.is_file(fd) for entry in own):
+        raise stale_journal(path)
+    mine = [entry for entry in entries if entry.is_file(fd)]
+    if any(not entry.fits(fd) for entry in mine):
+        raise stale_journal(path)
+    return [patch for entry in mine[:1] for patch in entry.patches]
+
+
+def _require_regular_file(path: Path) -> None:
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -104,15 +232,3 @@ def _map_file(path: Path) -> mmap.mmap | bytes:
         raise CheckpointError(f"{path}: not a regular file")
     if info.st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    try:
-        with open(path, "rb") as file:
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    except PermissionError:
-        raise CheckpointError(f"{path}: permission denied") from None
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read: {error.strerror}") from None
-
-
-def _close(buffer: mmap.mmap | bytes) -> None:
-    if isinstance(buffer, mmap.mmap):
-        buffer.close()

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 from lstm_surgeon.checkpoint import (
     Checkpoint,
+    CheckpointFile,
     Contents,
     Entry,
     OutputTensor,
@@ -46,16 +47,15 @@ class SafetensorsFormat:
         return Checkpoint(
             path=path,
             format=self,
-            size=size,
             tensors=tensors,
-            buffer=buffer,
+            files=(CheckpointFile(path, buffer),),
             contents=Contents(
                 entries=tuple(Entry(name, "tensor") for name in tensors), metadata=metadata
             ),
         )
 
     def checksum_patches(
-        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+        self, checkpoint: Checkpoint, storages: dict[StorageRef, bytes]
     ) -> list[BytePatch]:
         return []  # safetensors keeps no checksums
 

@@ -27,6 +27,7 @@ import numpy as np
 from lstm_surgeon.checkpoint import (
     TRAINING_COUNTERS,
     Checkpoint,
+    CheckpointFile,
     Contents,
     Entry,
     EntryKind,
@@ -127,25 +128,24 @@ class TorchZipFormat:
         return Checkpoint(
             path=path,
             format=self,
-            size=len(buffer),
             tensors=tensors,
-            buffer=buffer,
+            files=(CheckpointFile(path, buffer),),
             contents=_contents(root),
             format_state=state,
         )
 
     def checksum_patches(
-        self, checkpoint: Checkpoint, storages: dict[str, bytes]
+        self, checkpoint: Checkpoint, storages: dict[StorageRef, bytes]
     ) -> list[BytePatch]:
-        """The new CRC-32 of each patched record, everywhere the zip stores it."""
+        """The new CRC-32 of each patched record, everywhere the zip stores it (in its file)."""
         records = _state(checkpoint).records
         patches = []
-        for key, data in storages.items():
+        for storage, data in storages.items():
             crc = struct.pack("<I", zlib.crc32(data))
-            for offset in records[key].crc_offsets:
-                patches.append(
-                    BytePatch(offset, bytes(checkpoint.buffer[offset : offset + 4]), crc)
-                )
+            buffer = checkpoint.files[storage.file].buffer
+            for offset in records[storage.key].crc_offsets:
+                old = bytes(buffer[offset : offset + 4])
+                patches.append(BytePatch(offset, old, crc, storage.file))
         return patches
 
     def checksum_problems(
