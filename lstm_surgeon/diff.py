@@ -31,7 +31,7 @@ from lstm_surgeon.discovery import Discovery, discover
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.gates import Gate, effective_bias
-from lstm_surgeon.histogram import Histogram, histogram_of, shared_range
+from lstm_surgeon.histogram import Histogram, histograms_over_one_range
 from lstm_surgeon.layers import BIAS_HH, BIAS_IH, BIAS_ROLES, Cell, RecurrentLayer, Region
 from lstm_surgeon.stats import Summary
 
@@ -442,17 +442,12 @@ def _effective(
         for gate, _ in info.gate_regions
         if gate.biases_sum
     }
-    value_range = shared_range(values for pair in seen.values() for values in pair)
-
-    def histogram(values: np.ndarray | None) -> Histogram | None:
-        return None if values is None else histogram_of(values, value_range)
-
+    drawn: dict[str, tuple[Histogram | None, Histogram | None]] = {}
+    if histograms:
+        _, flat = histograms_over_one_range([values for pair in seen.values() for values in pair])
+        drawn = dict(zip(seen, zip(flat[0::2], flat[1::2], strict=True), strict=True))
     return tuple(
-        EffectiveBias(
-            gate.name,
-            *map(_optional_summary, seen[gate.name]),
-            (histogram(seen[gate.name][0]), histogram(seen[gate.name][1])) if histograms else None,
-        )
+        EffectiveBias(gate.name, *map(_optional_summary, seen[gate.name]), drawn.get(gate.name))
         for gate in summing
     )
 

@@ -12,7 +12,7 @@ so the counts add up to the hidden size of a healthy cell.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,17 @@ def histogram_of(values: np.ndarray, value_range: ValueRange, bins: int = BINS) 
     """The histogram of the finite `values` over `value_range` (which holds them all)."""
     counts, edges = np.histogram(finite(values), bins=bins, range=value_range)
     return Histogram(tuple(float(edge) for edge in edges), tuple(int(count) for count in counts))
+
+
+def histograms_over_one_range(
+    arrays: Sequence[np.ndarray | None], bins: int = BINS
+) -> tuple[ValueRange, list[Histogram | None]]:
+    """Histograms of several arrays (None stays None) over the one range that holds them all, so
+    they can be drawn one above the other and compared bin for bin."""
+    value_range = shared_range(arrays)
+    return value_range, [
+        None if values is None else histogram_of(values, value_range, bins) for values in arrays
+    ]
 
 
 def bars(counts: Iterable[int], peak: int, levels: str = BLOCKS) -> str:
@@ -125,19 +136,14 @@ def cell_histograms(
     checkpoint: Checkpoint, layer: RecurrentLayer, cell: Cell, bins: int = BINS
 ) -> CellHistograms:
     """Histograms of every gate of `cell` over one range (reads only its bias tensors)."""
-    per_gate = []
+    arrays: list[np.ndarray | None] = []  # three per gate: the bias it sees, b_in, b_hn
     for gate in layer.gates:
         ih, hh = cell.bias_values(checkpoint, gate)
-        seen = effective_bias(gate, ih, hh)
         separate = (None, None) if gate.biases_sum else (ih, hh)
-        per_gate.append((gate.name, seen, *separate))
-    value_range = shared_range(array for _, *arrays in per_gate for array in arrays)
-
-    def of(values: np.ndarray | None) -> Histogram | None:
-        return None if values is None else histogram_of(values, value_range, bins)
-
-    return CellHistograms(
-        value_range,
-        bins,
-        tuple(GateHistograms(name, of(seen), of(ih), of(hh)) for name, seen, ih, hh in per_gate),
+        arrays.extend((effective_bias(gate, ih, hh), *separate))
+    value_range, drawn = histograms_over_one_range(arrays, bins)
+    gates = tuple(
+        GateHistograms(gate.name, *drawn[3 * index : 3 * index + 3])
+        for index, gate in enumerate(layer.gates)
     )
+    return CellHistograms(value_range, bins, gates)
