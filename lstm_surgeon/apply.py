@@ -22,7 +22,12 @@ import numpy as np
 from lstm_surgeon.checkpoint import Checkpoint, OutputTensor, StorageRef, TensorRef, tensor_view
 from lstm_surgeon.dtypes import BY_NAME
 from lstm_surgeon.errors import EditError, OutputError
-from lstm_surgeon.formats import CheckpointFormat, format_for_suffix, open_checkpoint_files
+from lstm_surgeon.formats import (
+    CheckpointFormat,
+    format_for_suffix,
+    open_checkpoint_files,
+    require_regular_file,
+)
 from lstm_surgeon.plan import EditPlan, SliceEdit, edited_copy
 from lstm_surgeon.writing import (
     RECOVER_HINT,
@@ -87,6 +92,13 @@ Planner = Callable[[Checkpoint], EditPlan]
 
 def source_paths(source: Source) -> list[Path]:
     return [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+
+
+def recover_checkpoint(path: Path) -> bool:
+    """Roll back an interrupted in-place edit of `path` (every file it touched); True if there was
+    one. The editing commands do this first anyway; this is the call for doing only that."""
+    require_regular_file(path)
+    return recover_interrupted_edit(path)
 
 
 def edit_checkpoint(

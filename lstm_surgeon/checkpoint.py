@@ -104,6 +104,18 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Operator:
+    """A recurrent operator a model file declares (an ONNX `LSTM` node, a Keras `GRU` layer): what
+    it is, where it sits, which tensors feed it by its framework's own input names, and its
+    settings. Layouts read these; a plain state dict has none."""
+
+    kind: str  # the framework's name for it: "LSTM", "GRU", "RNN", "SimpleRNN", "CuDNNLSTM", ...
+    name: str  # its path in the model ("encoder/lstm", "If_0/then_branch/LSTM_3")
+    inputs: dict[str, str] = field(hash=False)  # input name ("W", "kernel") -> tensor name
+    attributes: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
 class Contents:
     """What a checkpoint holds besides tensor elements, in words every format shares.
 
@@ -113,6 +125,7 @@ class Contents:
     entries: tuple[Entry, ...] = ()
     metadata: dict[str, str] | None = None  # the file's string key/value pairs, if any
     counters: dict[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
+    operators: tuple[Operator, ...] = ()  # recurrent operators of a model graph, if the file has one
 
     @property
     def keys(self) -> tuple[str, ...]:

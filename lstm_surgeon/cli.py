@@ -575,6 +575,31 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
 
 @app.command()
 @_command
+def recover(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(metavar="CHECKPOINT", help="A file whose in-place edit was interrupted."),
+    ],
+    json: JsonOpt = False,
+) -> None:
+    """Roll back an interrupted in-place edit (every file it touched); nothing to do is fine.
+
+    Example:
+
+    \b
+    lstm-surgeon recover model.pt
+    """
+    from lstm_surgeon.apply import recover_checkpoint
+
+    out = _output(json)
+    rolled_back = recover_checkpoint(checkpoint)
+    message = "rolled back an interrupted in-place edit" if rolled_back else "nothing to recover"
+    out.show(f"{checkpoint}: {message}")
+    out.data({"path": str(checkpoint), "rolled_back": rolled_back})
+
+
+@app.command()
+@_command
 def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
     """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
 

@@ -32,6 +32,8 @@ class LayerReport:
             "bidirectional": layer.bidirectional,
             "bias": layer.bias,
             "dtype": layer.dtype,
+            "attributes": layer.attributes,
+            "pytorch_differences": list(layer.pytorch_differences),
             "tensors": sorted(layer.tensor_names()),
             "cells": [self._cell_dict(index) for index in range(len(self.cells))],
         }

@@ -155,7 +155,11 @@ class RecurrentLayer:
     dtype: str
     cells: tuple[Cell, ...]
     gates: tuple[Gate, ...]  # canonical order, with this layout's bias semantics
-    framework: str = "pytorch"  # the layout that found it (`layouts.LAYOUTS`)
+    framework: str = "pytorch"  # the layout that found it (`layouts._layouts`)
+    # What the framework stores beyond PyTorch's constructor arguments (activations, clip, ...).
+    attributes: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # Why torch's module cannot compute this cell (peepholes, another activation...); () if it can.
+    pytorch_differences: tuple[str, ...] = ()
 
     @property
     def is_cell(self) -> bool:

@@ -50,10 +50,15 @@ def save_checkpoint(obj: Any, path: Path, metadata: Mapping[str, str] | None = N
 class TorchReference:
     """What torch itself says a checkpoint holds; the tests compare the reader against this."""
 
-    @staticmethod
-    def flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    class AmbiguousName(ValueError):
+        """Two different tensors have the same dotted path ({"a.b": t1, "a": {"b": t2}}): no
+        reader can name both, and the reader refuses such a file."""
+
+    @classmethod
+    def flatten(cls, obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         """Every tensor below `obj` by dotted path (dict keys, list/tuple indices), first
-        occurrence only (a tensor object reached twice is reported once), depth first."""
+        occurrence only (a tensor object reached twice is reported once), depth first.
+        Raises `AmbiguousName` rather than silently dropping one of two tensors."""
         found: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
 
@@ -61,6 +66,8 @@ class TorchReference:
             if isinstance(node, torch.Tensor):
                 if id(node) not in seen:
                     seen.add(id(node))
+                    if path in found:
+                        raise cls.AmbiguousName(path)
                     found[path] = node
                 return
             if isinstance(node, Mapping):

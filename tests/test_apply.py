@@ -400,7 +400,7 @@ def test_add_bias_to_projected_bidirectional_stack_follows_torch_order(tmp_check
     )
     x = torch.randn(5, 2, 3)
     for ours, theirs in zip(biased(x)[0], bias_free(x)[0], strict=True):
-        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # two modules
 
 
 def test_drop_keeps_the_training_container(fixtures_dir, tmp_path):

@@ -560,7 +560,7 @@ def test_dropped_biases_load_into_bias_free_modules_and_compute_the_same(
         bias_free = load_module(layer, after, bias=False, batch_first=batch_first)
         x = sample_input(layer, batch_first)
         for ours, theirs in zip(run(bias_free.double(), x), run(original.double(), x), strict=True):
-            torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+            torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)  # two modules
         assert not any(name.startswith(tensor_name(layer, "bias")) for name in after)
     expected = {
         name: tensor
@@ -590,7 +590,7 @@ def test_added_biases_load_into_biased_modules_and_compute_the_same(
                 assert torch.count_nonzero(bias) == 0
         x = sample_input(layer, batch_first=False)
         for ours, theirs in zip(run(biased, x), run(originals[layer.name], x), strict=True):
-            torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # two modules
 
 
 def test_add_bias_skips_layers_that_have_biases(fixtures_dir, tmp_path):
@@ -624,10 +624,10 @@ def test_zero_input_makes_the_encoder_ignore_those_features(fixtures_dir, tmp_pa
     other_features = x.clone()
     other_features[..., 1:3] = torch.randn(other_features[..., 1:3].shape) * 10
     for ours, theirs in zip(run(module, x), run(module, other_features), strict=True):
-        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # two float32 forward passes
     kept_feature = x.clone()
     kept_feature[..., 0] += 1.0
-    assert not torch.equal(run(module, x)[0], run(module, kept_feature)[0])
+    assert (run(module, x)[0] - run(module, kept_feature)[0]).abs().max() > 1e-3
 
 
 def test_zero_input_skips_layers_without_the_feature(fixtures_dir, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TorchReference
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -231,8 +231,10 @@ def payloads(draw: st.DrawFn) -> Any:
 def test_random_torch_save_reads_exactly_as_torch_loads_it(
     tmp_path_factory, save_checkpoint, torch_reference, payload
 ):
-    expected = torch_reference.flatten(payload)
-    assume(len(expected) == len({id(t) for t in expected.values()}))
+    try:
+        expected = torch_reference.flatten(payload)
+    except torch_reference.AmbiguousName:
+        reject()  # refused by the reader: test_colliding_dotted_names_are_not_silently_merged
     path = save_checkpoint(payload, tmp_path_factory.mktemp("prop") / "random.pt")
     loaded = torch_reference.flatten(torch.load(path, weights_only=False))
     assert list(loaded) == list(expected)  # the oracle's own naming is consistent

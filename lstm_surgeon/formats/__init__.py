@@ -189,7 +189,7 @@ def _sniff(path: Path, buffer: Buffer) -> CheckpointFormat:
 def _map_file(path: Path, entries: tuple[JournalEntry, ...]) -> tuple[Buffer, bool]:
     """A read-only map of the file, with the old bytes of an interrupted edit overlaid (in a
     private copy-on-write map); True when there was one to overlay."""
-    _require_regular_file(path)
+    require_regular_file(path)
     try:
         with open(path, "rb") as file:
             patches = _pending_patches(path, file.fileno(), entries)
@@ -219,7 +219,7 @@ def _pending_patches(path: Path, fd: int, entries: tuple[JournalEntry, ...]) -> 
     return [patch for entry in mine[:1] for patch in entry.patches]
 
 
-def _require_regular_file(path: Path) -> None:
+def require_regular_file(path: Path) -> None:
     try:
         info = path.stat()
     except FileNotFoundError:
