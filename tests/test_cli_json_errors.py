@@ -34,6 +34,7 @@ FAILING_RUNS = {
     "add-bias": ["{missing}", "-o", "{out}"],
     "zero-input": ["{missing}", "--features", "0", "-o", "{out}"],
     "trend": ["{zoo}", "{missing}"],
+    "convert": ["{missing}", "-o", "{out}"],
     "recover": ["{missing}"],
 }
 
