@@ -118,10 +118,16 @@ def _title(series: Series) -> Text:
     return title
 
 
+def chart_columns(checkpoints: int, width: int) -> int:
+    """How many columns a chart `width` characters wide gives the run: one per checkpoint, or as
+    many as fit (each then the average of neighbours)."""
+    return min(checkpoints, max(1, width - LABEL_WIDTH - 3))
+
+
 def series_chart(trend: Trend, series: Series, width: int, glyphs: Glyphs) -> Iterator[Text]:
     """The lines of one series' chart, at most `width` characters wide."""
+    count = chart_columns(len(trend.checkpoints), width)
     room = max(1, width - LABEL_WIDTH - 3)
-    count = min(len(trend.checkpoints), room)
     spacing = max(1, min(MAX_SPACING, room // count))
     rows, (low, high) = _grid(_columns(series, count), spacing, glyphs)
     yield _title(series)
@@ -154,9 +160,14 @@ class TrendView:
         for series in self.trend.series:
             yield from series_chart(self.trend, series, options.max_width, glyphs)
             yield Text()
+        checkpoints = len(self.trend.checkpoints)
+        columns = chart_columns(checkpoints, options.max_width)
+        averaged = (
+            f" (a column averages {checkpoints / columns:.1f})" if columns < checkpoints else ""
+        )
         yield Text(
             f"{glyphs.mean} mean over the units, {glyphs.band} 10th to 90th percentile; "
-            f"{len(self.trend.checkpoints)} checkpoints in order "
+            f"{checkpoints} checkpoints{averaged} in order "
             f"{ORDER_NOTES.get(self.trend.order, STEP_NOTE)}",
             style="dim",
         )

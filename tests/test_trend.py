@@ -311,4 +311,6 @@ def test_a_run_longer_than_the_terminal_is_wide_fits_it(tmp_path):
     rows = [line for line in lines if "┤" in line or line.startswith(" " * LABEL_WIDTH + " │")]
     assert len(rows) == 2 * HEIGHT
     assert max(len(row) for row in rows) <= 60
+    legend = " ".join(buffer.getvalue().split())  # the legend wraps at 60 columns
+    assert f"200 checkpoints (a column averages {200 / room:.1f}) in order by file name" in legend
     assert np.isfinite(np.array(trend.series[0].mean, dtype=float)).all()
