@@ -50,12 +50,17 @@ def recurrent_node(kind: str, hidden: int, name: str = "", inputs=("X", "W", "R"
     return helper.make_node(kind, list(inputs), ["Y"], name=name, hidden_size=hidden, **attrs)
 
 
-def model_of(nodes, initializers, inputs=None, outputs=("Y",)) -> onnx.ModelProto:
+def value(name: str, rank: int, element: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    """A graph input or output of any size (a rank is all the checker asks for)."""
+    return helper.make_tensor_value_info(name, element, [None] * rank)
+
+
+def model_of(nodes, initializers, inputs=None, output_rank: int = 4) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "test",
-        inputs or [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        inputs or [value("X", 3)],
+        [value("Y", output_rank)],
         [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in initializers.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -37,6 +37,7 @@ from lstm_surgeon.dtypes import BY_NAME
 from lstm_surgeon.errors import CheckpointError, EditError, SurgeonError
 from lstm_surgeon.formats.identify import is_onnx_model, opens_like_onnx_model
 from lstm_surgeon.formats.protobuf_wire import raw_data_positions
+from lstm_surgeon.writing import journal_path
 
 if TYPE_CHECKING:
     from lstm_surgeon.checkpoint import OutputTensor
@@ -162,13 +163,14 @@ class _Reader:
         shape = tuple(int(dim) for dim in tensor.dims)
         if tensor.data_location == EXTERNAL:
             storage = self.external_storage(tensor, name, shape, dtype)
-        elif wire in self.positions:
+        elif wire in self.positions and _laid_out_as_raw(tensor, dtype):
             offset, length = self.positions[wire]
             storage = StorageRef(name, offset, length)
         else:
             return Unstored(
-                "is stored as typed values (float_data...), not raw bytes; lstm-surgeon edits "
-                "raw_data and external data (onnx.numpy_helper.from_array writes raw_data)"
+                "is stored as typed values (int32_data, int64_data...) that do not lie in the "
+                "file as their bytes; lstm-surgeon edits raw_data, packed float_data/double_data "
+                "and external data (onnx.numpy_helper.from_array writes raw_data)"
             )
         ref = TensorRef(name, BY_NAME[dtype], shape, storage)
         if storage.nbytes != ref.nbytes:
@@ -223,6 +225,11 @@ class _Reader:
         if not target.is_file():
             raise CheckpointError(
                 f"{self.path}: tensor {name!r}: external data {location!r} is missing"
+            )
+        if journal_path(target).exists():  # its journal lies beside it, not beside the model
+            raise CheckpointError(
+                f"{self.path}: an in-place edit of its external data {location!r} was interrupted; "
+                f"run `lstm-surgeon recover {target}` to roll it back"
             )
         return target
 
@@ -347,6 +354,15 @@ def _unsqueeze(shape: tuple[int, ...], axes: list[int]) -> tuple[int, ...] | Non
         return None
     sizes = iter(shape)
     return tuple(1 if axis in inserted else next(sizes) for axis in range(rank))
+
+
+def _laid_out_as_raw(tensor: Any, dtype: str) -> bool:
+    """raw_data, or the typed field whose packed values are laid out as that dtype's bytes."""
+    if tensor.HasField("raw_data"):
+        return True
+    if dtype in ("float32", "complex64"):
+        return len(tensor.float_data) > 0
+    return dtype == "float64" and len(tensor.double_data) > 0
 
 
 def _int_attribute(node: Any, name: str, default: int) -> int:
