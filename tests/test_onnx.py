@@ -16,13 +16,17 @@ import onnx
 import pytest
 import torch
 from conftest import assert_clean_failure
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 from onnx_models import ONNX_ORDER, export, random_input, run
 from torch import nn
 
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.discovery import discover
+from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.inspection import inspect_checkpoint
 from lstm_surgeon.layouts.pytorch import module_state
 from lstm_surgeon.surgery import plan_set_forget_bias
 from lstm_surgeon.verify import verify_checkpoint
@@ -186,3 +190,33 @@ def test_without_the_onnx_package_the_error_names_the_extra(run_cli, tmp_path, m
     result = run_cli("inspect", path)
     line = assert_clean_failure(result.stderr, result.exit_code)
     assert "pip install 'lstm-surgeon[onnx]'" in line
+
+
+# --- Broken bytes: refused with one clear line, or read -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_bytes(tmp_path_factory) -> bytes:
+    _, path = exported(tmp_path_factory.mktemp("fuzz"), "gru_bidirectional")
+    return path.read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_flipped_and_cut_bytes_are_refused_or_read(exported_bytes, tmp_path_factory, data):
+    damaged = bytearray(exported_bytes)
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[position] ^= 1 << data.draw(st.integers(0, 7))
+    damaged = damaged[: data.draw(st.integers(1, len(damaged)))]
+    path = tmp_path_factory.mktemp("damaged") / "model.onnx"
+    path.write_bytes(bytes(damaged))
+    try:
+        checkpoint = open_checkpoint(path)
+    except SurgeonError as error:
+        assert "\n" not in str(error)
+        return
+    with checkpoint:
+        for ref in checkpoint.tensors.values():
+            checkpoint.raw(ref)
+        inspect_checkpoint(checkpoint).to_dict()

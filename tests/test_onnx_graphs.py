@@ -97,6 +97,9 @@ def test_gru_with_linear_before_reset_0_sums_the_new_gate_biases(tmp_path, run_c
         verification = verify_checkpoint(checkpoint)
     assert verification.ok  # run by onnxruntime alone, the difference noted
     assert "linear_before_reset=0" in verification.layers[0].notes[0]
+    shown = run_cli("inspect", path, env={"COLUMNS": "200", "NO_COLOR": "1"}).stdout
+    assert "PyTorch cannot compute: linear_before_reset=0" in shown
+    assert "b_in + b_hn is the effective bias" in shown
     report = json.loads(run_cli("inspect", path, "--json").stdout)
     new = report["layers"][0]["cells"][0]["gates"][2]
     assert new["gate"] == "new" and new["effective"] is not None  # Wbh + Rbh
@@ -207,6 +210,30 @@ def test_lstm_in_if_branches_through_unsqueeze_sharing_one_weight(tmp_path, run_
     for cond in (True, False):
         ort = torch_layout(run(path, cond=np.array(cond), X=x))
         np.testing.assert_allclose(ort, expected, atol=1e-5)
+
+
+def test_lstm_in_a_loop_body_reads_the_outer_weights(tmp_path, run_cli):
+    module = torch_module("LSTM", seed=7)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y_step"], hidden_size=HIDDEN),
+        ],
+        "body",
+        [value("i", 0, TensorProto.INT64), value("cond_in", 0, TensorProto.BOOL)],
+        [value("cond_out", 0, TensorProto.BOOL), value("Y_step", 4)],
+    )
+    loop = helper.make_node("Loop", ["trips", ""], ["Y"], body=body)
+    weights = {**onnx_weights(module, "LSTM"), "trips": np.array(1, np.int64)}
+    path = save(model_of([loop], weights, output_rank=5), tmp_path / "loop.onnx")
+    with open_checkpoint(path) as checkpoint:
+        (layer,) = discover(checkpoint).layers
+    assert layer.name == "Loop_0/body/LSTM_1"
+    result = run_cli("set-forget-bias", path, "--value", "-1", "--in-place", "--yes")
+    assert result.exit_code == 0, result.stderr
+    x = random_input(INPUT)
+    expected = torch_output(with_forget_bias(module, -1.0), x)
+    np.testing.assert_allclose(torch_layout(run(path, X=x)[0]), expected, atol=1e-5)
 
 
 def test_a_transposed_weight_is_edited_through_its_view(tmp_path, run_cli):

@@ -377,7 +377,10 @@ def _plain(attribute: Any) -> Any:
     """An attribute's value as plain Python (strings decoded), as inspect's JSON shows it."""
     from onnx import helper
 
-    value = helper.get_attribute_value(attribute)
+    try:
+        value = helper.get_attribute_value(attribute)
+    except ValueError:  # an attribute type the onnx package does not know: a broken file
+        return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, list):

@@ -82,7 +82,7 @@ def _layer(
     if directions is None:
         raise LayoutMismatch(f"{name} ({kind}): unknown direction {attributes['direction']!r}")
     gate_count = len(STORED_ORDER[kind])
-    hidden = int(attributes.get("hidden_size", recurrent.shape[-1] if recurrent.shape else 0))
+    hidden = _int(attributes, "hidden_size", recurrent.shape[-1] if recurrent.shape else 0)
     rows = gate_count * hidden
     input_size = weights.shape[-1] if len(weights.shape) == 3 else 0
     count = len(directions)
@@ -95,7 +95,7 @@ def _layer(
         for position, direction in enumerate(directions)
     )
     gates = gates_of(kind)
-    if kind == "GRU" and not attributes.get("linear_before_reset", 0):
+    if kind == "GRU" and not _int(attributes, "linear_before_reset", 0):
         gates = with_summing_new_gate(gates)
     return RecurrentLayer(
         name,
@@ -152,9 +152,18 @@ def _cell(
     return Cell(0, direction, regions, refs)
 
 
+def _int(attributes: dict[str, Any], key: str, default: int) -> int:
+    """An integer attribute, ONNX's default when it is absent (or not an integer: a broken file)."""
+    value = attributes.get(key, default)
+    return value if isinstance(value, int) else default
+
+
 def _activations(kind: str, attributes: dict[str, Any], directions: int) -> list[str]:
     """The node's activations, ONNX's defaults filled in (one list per direction, concatenated)."""
-    return list(attributes.get("activations") or DEFAULT_ACTIVATIONS[kind] * directions)
+    activations = attributes.get("activations")
+    if isinstance(activations, list) and activations:
+        return [str(activation) for activation in activations]
+    return DEFAULT_ACTIVATIONS[kind] * directions
 
 
 def _reported_attributes(kind: str, attributes: dict[str, Any], peepholes: bool) -> dict[str, Any]:
@@ -169,10 +178,10 @@ def _reported_attributes(kind: str, attributes: dict[str, Any], peepholes: bool)
         if key in attributes:
             reported[key] = attributes[key]
     if kind == "LSTM":
-        reported["input_forget"] = int(attributes.get("input_forget", 0))
+        reported["input_forget"] = _int(attributes, "input_forget", 0)
         reported["peepholes"] = peepholes
     if kind == "GRU":
-        reported["linear_before_reset"] = int(attributes.get("linear_before_reset", 0))
+        reported["linear_before_reset"] = _int(attributes, "linear_before_reset", 0)
     return reported
 
 
@@ -182,7 +191,7 @@ def _pytorch_differences(kind: str, attributes: dict[str, Any], peepholes: bool)
     differences = []
     if peepholes:
         differences.append("peepholes (P): PyTorch's LSTM has none")
-    if kind == "GRU" and not attributes.get("linear_before_reset", 0):
+    if kind == "GRU" and not _int(attributes, "linear_before_reset", 0):
         differences.append(
             "linear_before_reset=0: the reset gate applies before the recurrent product "
             "(PyTorch applies it after, as linear_before_reset=1)"
@@ -197,7 +206,7 @@ def _pytorch_differences(kind: str, attributes: dict[str, Any], peepholes: bool)
         differences.append(f"activations {','.join(activations)} (PyTorch: {','.join(default)})")
     if attributes.get("clip") is not None:
         differences.append(f"clip={attributes['clip']}: PyTorch does not clip")
-    if attributes.get("input_forget", 0):
+    if _int(attributes, "input_forget", 0):
         differences.append("input_forget=1: PyTorch does not couple the input and forget gates")
     return tuple(differences)
 
