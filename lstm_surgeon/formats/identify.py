@@ -1,8 +1,9 @@
 """Say what a file is when it is not a checkpoint lstm-surgeon reads, judged from its bytes alone.
 
-A user who passes an ONNX model, a Keras `.h5` file or a numpy archive learns more from "an ONNX model"
-than from "not a checkpoint". Only magic numbers and framing are read (the ONNX check walks the top-level
-protobuf fields without decoding them); nothing in the file is executed or unpickled.
+A user who passes a Keras `.h5` file or a numpy archive learns more from "an HDF5 file" than from "not
+a checkpoint". Only magic numbers and framing are read; nothing in the file is executed or unpickled.
+The ONNX tests live here too (they walk the top-level protobuf fields without decoding them): the ONNX
+format module claims a file by them.
 """
 
 from __future__ import annotations
