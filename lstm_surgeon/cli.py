@@ -567,6 +567,9 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
         verification = verify_checkpoint(opened, layer or ())
     for warning in verification.warnings:
         out.warn(warning)
+    for checked in verification.layers:
+        for note in checked.notes:
+            out.warn(f"{checked.name}: {note}")
     out.show(verification_view(verification))
     out.data(verification.to_dict())
     if not verification.ok:

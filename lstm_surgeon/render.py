@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # records only: rendering must not import what builds them
     from lstm_surgeon.convert import Conversion
     from lstm_surgeon.histogram import CellHistograms, Histogram, ValueRange
     from lstm_surgeon.inspection import Inspection, LayerReport
+    from lstm_surgeon.layers import RecurrentLayer
     from lstm_surgeon.plan import EditPlan
     from lstm_surgeon.stats import CellStats, GateStats, Summary
     from lstm_surgeon.verify import GateOpening, Verification
@@ -30,6 +31,39 @@ FAMILY_NOTES = {
     "at zero input it shows tanh(b_in + r·b_hn)",
     "RNN": "the nonlinearity (tanh or relu) is not stored in a checkpoint; tanh is shown",
 }
+
+
+SUMMING_NEW_GATE_NOTE = (
+    "new gate: the reset gate applies before the recurrent product, so b_in + b_hn is the "
+    "effective bias (ONNX linear_before_reset=0)"
+)
+
+
+def family_note(layer: RecurrentLayer) -> str | None:
+    """What the gate table cannot say about this kind of cell (a GRU's new gate, an RNN's
+    nonlinearity), as this layer's own gates define it."""
+    family = layer.kind.removesuffix("Cell")
+    if family == "GRU" and all(gate.biases_sum for gate in layer.gates):
+        return SUMMING_NEW_GATE_NOTE
+    return FAMILY_NOTES.get(family)
+
+
+def framework_lines(layer: RecurrentLayer) -> list[Text]:
+    """A layer of another framework: what it stores beyond PyTorch's arguments, and what of it
+    PyTorch's modules cannot compute."""
+    if layer.framework == "pytorch":
+        return []
+    settings = ", ".join(f"{key}={_setting(value)}" for key, value in layer.attributes.items())
+    lines = [Text(clean(f"  {layer.framework}: {settings}"), style="dim")]
+    lines += [
+        Text(clean(f"  PyTorch cannot compute: {difference}"), style="yellow")
+        for difference in layer.pytorch_differences
+    ]
+    return lines
+
+
+def _setting(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def human_size(nbytes: int) -> str:
@@ -164,6 +198,7 @@ def inspection_view(inspection: Inspection) -> RenderableType:
     for report in inspection.layers:
         parts.append(Text())
         parts.append(layer_title(report))
+        parts.extend(framework_lines(report.layer))
         if not report.layer.bias:
             parts.append(
                 Text("  no bias tensors (add them with `lstm-surgeon add-bias`)", style="dim")
@@ -174,7 +209,7 @@ def inspection_view(inspection: Inspection) -> RenderableType:
             gate_table(report, cell, drawn)
             for cell, drawn in zip(report.cells, histograms, strict=True)
         )
-        note = FAMILY_NOTES.get(report.layer.kind.removesuffix("Cell"))
+        note = family_note(report.layer)
         if note:
             parts.append(Text(f"  {note}", style="dim"))
     if not inspection.layers:
@@ -272,6 +307,8 @@ def verification_view(verification: Verification) -> RenderableType:
         table.add_column(heading)
     for layer in verification.layers:
         openings = _opening_summary(layer.openings)
+        if layer.notes:  # torch cannot build this cell: its own runtime ran it alone
+            openings = f"run by {layer.framework} alone; torch cannot compute it"
         table.add_row(
             Text(clean(layer.name) or "(root)"),
             layer.kind,
