@@ -227,15 +227,18 @@ class _Recurrent:
 
 def _recurrent_params(
     found: Discovery, prefixes: Sequence[str], globs: Sequence[str]
-) -> dict[str, _Recurrent]:
-    """Every recurrent tensor of the layers that match `globs` (all when none), by compared name."""
-    params: dict[str, _Recurrent] = {}
+) -> dict[str, tuple[_Recurrent, ...]]:
+    """Every recurrent tensor of the layers that match `globs` (all when none), by compared name,
+    with each (role, cell) it holds: one in PyTorch's layout, several where a layout packs
+    directions or both biases into one tensor (ONNX's `B`)."""
+    params: dict[str, tuple[_Recurrent, ...]] = {}
     for layer in found.layers:
         name = strip_key(layer.cells[0].tensors()[0].name, prefixes).rpartition(".")[0]
         if globs and not any(fnmatch.fnmatchcase(n, g) for n in (name, layer.name) for g in globs):
             continue
         for cell in layer.cells:
-            params.update(_cell_params(layer, name, cell, prefixes))
+            for tensor, recurrent in _cell_params(layer, name, cell, prefixes):
+                params[tensor] = (*params.get(tensor, ()), recurrent)
     return params
 
 
@@ -366,7 +369,7 @@ class _Pair:
     name: str
     a: TensorRef
     b: TensorRef
-    info: _Recurrent | None
+    infos: tuple[_Recurrent, ...]  # each (role, cell) the tensor holds; () for other tensors
 
 
 def _compare_pair(
@@ -375,46 +378,54 @@ def _compare_pair(
     tol: Tolerance,
     progress: Callable[[int], None] | None = None,
     histograms: bool = False,
-) -> TensorDiff | None:
-    """The tensor's differences, or None when it is unchanged within tolerance."""
+) -> list[TensorDiff]:
+    """The tensor's differences: one entry per (role, cell) of it that changed, or one for the
+    whole tensor; none when it is unchanged within tolerance."""
     a, b = pair.a, pair.b
     if progress is not None:
         progress(a.nbytes)
     dtype = (a.dtype.name, b.dtype.name) if a.dtype != b.dtype else None
+    first = pair.infos[0] if pair.infos else None
     if a.shape != b.shape:
-        return _tensor_diff(pair, None, (), dtype, (a.shape, b.shape), ())
+        return [_tensor_diff(pair, first, None, (), dtype, (a.shape, b.shape), ())]
     raws = (sides[0].checkpoint.raw(a), sides[1].checkpoint.raw(b))
     dtypes = (a.dtype, b.dtype)
-    regions = pair.info.gate_regions if pair.info is not None else ()
-    if regions:
-        per_gate = [
-            (gate, _compare_flat(_region_flats(raws, region), dtypes, tol))
-            for gate, region in regions
-        ]
-        total = merge_running(running for _, running in per_gate)
-    else:
-        flats = (raws[0].reshape(-1), raws[1].reshape(-1))
-        per_gate, total = [], _compare_flat(flats, dtypes, tol)
-    if not total.changed and dtype is None:
-        return None
-    gate_diffs = tuple(
-        GateDiff(gate.name, running.largest, running.mean, running.changed)
-        for gate, running in per_gate
-    )
-    changed_gates = [gate for gate, running in per_gate if running.changed]
-    effective = _effective(pair.info, sides, changed_gates, histograms)
-    return _tensor_diff(pair, total, gate_diffs, dtype, None, effective)
+    per_info = [
+        (
+            info,
+            [(g, _compare_flat(_region_flats(raws, r), dtypes, tol)) for g, r in info.gate_regions],
+        )
+        for info in pair.infos
+    ]
+    compared = [running for _, per_gate in per_info for _, running in per_gate]
+    covered = sum(running.count for running in compared) == a.numel
+    whole = merge_running(compared) if covered else _compare_flat(_flats(raws), dtypes, tol)
+    if not whole.changed and dtype is None:
+        return []
+    diffs = []
+    for info, per_gate in per_info:
+        total = merge_running(running for _, running in per_gate) if per_gate else whole
+        if total.changed or (dtype is not None and info is first):
+            gate_diffs = tuple(GateDiff(g.name, r.largest, r.mean, r.changed) for g, r in per_gate)
+            changed_gates = [gate for gate, running in per_gate if running.changed]
+            effective = _effective(info, sides, changed_gates, histograms)
+            diffs.append(_tensor_diff(pair, info, total, gate_diffs, dtype, None, effective))
+    return diffs or [_tensor_diff(pair, None, whole, (), dtype, None, ())]
+
+
+def _flats(raws: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return raws[0].reshape(-1), raws[1].reshape(-1)
 
 
 def _tensor_diff(
     pair: _Pair,
+    info: _Recurrent | None,
     total: Running | None,
     gate_diffs: tuple[GateDiff, ...],
     dtype: tuple[str, str] | None,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
     effective: tuple[EffectiveBias, ...],
 ) -> TensorDiff:
-    info = pair.info
     return TensorDiff(
         key=pair.name,
         max_abs_diff=None if total is None else total.largest,
@@ -523,9 +534,8 @@ def diff_checkpoints(
     in_a, in_b = _scope(params, globs, names[0]), _scope(params, globs, names[1])
     shared = [name for name in in_a if name in names[1]]
     sides = (_Side(a, names[0], prefixes), _Side(b, names[1], prefixes))
-    pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
-    compared = (_compare_pair(p, sides, tol, progress, histograms) for p in pairs)
-    changed = [d for d in compared if d is not None]
+    pairs = (_Pair(n, names[0][n], names[1][n], params.get(n, ())) for n in shared)
+    changed = [d for p in pairs for d in _compare_pair(p, sides, tol, progress, histograms)]
     return DiffResult(
         a=str(a.path),
         b=str(b.path),
@@ -536,7 +546,7 @@ def diff_checkpoints(
         added=tuple(name for name in in_b if name not in names[0]),
         removed=tuple(name for name in in_a if name not in names[1]),
         changed=tuple(changed),
-        unchanged_count=len(shared) - len(changed),
+        unchanged_count=len(shared) - len({entry.key for entry in changed}),
         warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1])),
     )
 
