@@ -88,6 +88,15 @@ LayerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+RenameOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rename",
+        metavar="REGEX=REPLACEMENT",
+        help="Read tensor names as renamed (Python re.sub, split at the last '='; repeatable), "
+        r"e.g. '^(rnn\d)_w_(ih|hh)$=\1.weight_\2'. Edits still write the real tensors.",
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -191,7 +200,12 @@ def _root(
 
 @app.command()
 @_command
-def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def inspect(
+    checkpoint: CheckpointArg,
+    layer: LayerOpt = None,
+    rename: RenameOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
     Example:
@@ -199,15 +213,22 @@ def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = F
     \b
     lstm-surgeon inspect model.pt --layer 'encoder*'
     """
+    from lstm_surgeon.discovery import discover
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
+    from lstm_surgeon.renames import parse_renames, rename_hint, renamed
     from lstm_surgeon.render import inspection_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
-        inspection = inspect_checkpoint(opened, layer or ())
+        view = renamed(opened, rules)
+        inspection = inspect_checkpoint(view, layer or ())
+        hint = None if inspection.layers else rename_hint(view, discover(view))
     for warning in inspection.warnings:
         out.warn(warning)
+    if hint is not None:
+        out.note(hint)
     out.show(inspection_view(inspection))
     out.data(inspection.to_dict())
 
@@ -225,6 +246,7 @@ class EditOptions:
     json: bool
     backup: bool
     fsync: bool
+    rename: list[str] | None = None
 
 
 def _selection(
@@ -238,9 +260,11 @@ def _selection(
 def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions) -> None:
     """Plan, preview, confirm and write one edit (the flow every editing command shares)."""
     from lstm_surgeon.apply import Destination, edit_checkpoint
+    from lstm_surgeon.renames import parse_renames, with_renames
     from lstm_surgeon.render import plan_view, result_line
 
     out = _output(options.json)
+    planner = with_renames(planner, parse_renames(options.rename or ()))
     destination = None
     if not options.dry_run:
         destination = Destination(
@@ -311,6 +335,7 @@ def set_forget_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
@@ -340,6 +365,7 @@ def set_forget_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(checkpoint, planner, options)
 
@@ -370,6 +396,7 @@ def set_gate_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
@@ -390,6 +417,7 @@ def set_gate_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -421,6 +449,7 @@ def zero_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
@@ -441,6 +470,7 @@ def zero_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -463,6 +493,7 @@ def add_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
@@ -483,6 +514,7 @@ def add_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -511,6 +543,7 @@ def zero_input(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
@@ -532,6 +565,7 @@ def zero_input(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -542,7 +576,12 @@ def zero_input(
 
 @app.command()
 @_command
-def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def verify(
+    checkpoint: CheckpointArg,
+    layer: LayerOpt = None,
+    rename: RenameOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
     Example:
@@ -551,12 +590,14 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
     lstm-surgeon verify fixed.pt
     """
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render import verification_view
     from lstm_surgeon.verify import verify_checkpoint
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
-        verification = verify_checkpoint(opened, layer or ())
+        verification = verify_checkpoint(renamed(opened, rules), layer or ())
     for warning in verification.warnings:
         out.warn(warning)
     out.show(verification_view(verification))
@@ -592,7 +633,7 @@ def recover(
 
 @app.command()
 @_command
-def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
+def check(checkpoint: CheckpointArg, rename: RenameOpt = None, json: JsonOpt = False) -> None:
     """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
 
     Example:
@@ -601,12 +642,14 @@ def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
     lstm-surgeon check downloaded.pt
     """
     from lstm_surgeon.check import check_checkpoint
+    from lstm_surgeon.renames import parse_renames
     from lstm_surgeon.render import check_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     size = checkpoint.stat().st_size if checkpoint.is_file() else 0
     with out.progress("checking", size) as progress:
-        report = check_checkpoint(checkpoint, progress)
+        report = check_checkpoint(checkpoint, progress, rules)
     out.show(check_view(report))
     out.data(report.to_dict())
     if not report.sound:
@@ -631,6 +674,7 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    rename: RenameOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -642,17 +686,19 @@ def diff(
     """
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with (
         open_checkpoint(a) as first,
         open_checkpoint(b) as second,
         out.progress("comparing", first.size) as progress,
     ):
         result = diff_checkpoints(
-            first,
-            second,
+            renamed(first, rules),
+            renamed(second, rules),
             atol=atol,
             rtol=rtol,
             layer_globs=layer or (),
