@@ -81,7 +81,7 @@ def test_pickle_of_arrays_with_a_payload_reads_the_arrays_only(run_cli, tmp_path
     with open_checkpoint(path) as checkpoint:
         for name, array in STATE.items():
             assert np.array_equal(checkpoint.raw(f"model.{name}"), array)
-    result = run_cli("set-forget-bias", path, "-o", tmp_path / "out.pkl", "--json")
+    result = run_cli("set-forget-bias", path, "--value", "2", "-o", tmp_path / "out.pkl", "--json")
     assert json.loads(result.stdout)["result"]["method"] == "patch"  # the payload's bytes kept
     assert not canary.exists()
 

@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError  # numpy tokenizes a header before it parses it
 from typing import BinaryIO
 
 import numpy as np
@@ -86,7 +87,7 @@ def parse_npy(where: str, buffer: Buffer, start: int, end: int) -> NpyArray:
                 "(lstm-surgeon reads versions 1.0 and 2.0)"
             )
         shape, fortran_order, numpy_dtype = reader(head, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, TypeError, SyntaxError, EOFError, struct.error) as error:
+    except (ValueError, TypeError, SyntaxError, EOFError, struct.error, TokenError) as error:
         raise CheckpointError(f"{where}: corrupt .npy header ({error})") from None
     array = NpyArray(
         element_type(where, numpy_dtype), tuple(shape), fortran_order, start + head.tell()
