@@ -274,3 +274,28 @@ def test_bfloat16_cannot_go_into_a_numpy_file(run_cli, tmp_path, tmp_checkpoint)
     assert result.exit_code == 2
     assert "numpy has no bfloat16" in result.stderr
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_shared_array_is_named_once_and_stays_shared(run_cli, tmp_path):
+    state = lstm_state(bias=False)
+    path = tmp_path / "tied.pkl"
+    with open(path, "wb") as file:
+        pickle.dump({"model": {"rnn": state}, "tied": [state["weight_ih_l0"]]}, file, protocol=4)
+    with open_checkpoint(path) as checkpoint:
+        assert "tied.0" not in checkpoint.tensors
+    out = tmp_path / "out.pkl"
+    assert run_cli("add-bias", path, "-o", out).exit_code == 0
+    with open(out, "rb") as file:
+        root = pickle.load(file)
+    assert root["tied"][0] is root["model"]["rnn"]["weight_ih_l0"]
+    assert "bias_hh_l1_reverse" in root["model"]["rnn"]
+
+
+def test_a_list_of_arrays_is_named_by_index(tmp_path):
+    arrays = [np.zeros((8, 3), np.float32), np.ones(8, np.float16)]
+    path = tmp_path / "list.pkl"
+    with open(path, "wb") as file:
+        pickle.dump(arrays, file, protocol=5)
+    with open_checkpoint(path) as checkpoint:
+        assert list(checkpoint.tensors) == ["0", "1"]
+        assert np.array_equal(checkpoint.raw("1"), arrays[1])

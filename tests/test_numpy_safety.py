@@ -214,3 +214,17 @@ def test_corrupted_files_are_read_or_refused(tmp_path_factory, data):
                 checkpoint.values(ref)
     except CheckpointError as error:
         assert "\n" not in str(error)
+
+
+def test_a_payload_blocks_a_rewrite_of_its_pickle_and_never_runs(run_cli, tmp_path):
+    canary = tmp_path / "canary"
+    path = tmp_path / "evil.pkl"
+    state = {key: value for key, value in STATE.items() if "bias" not in key}
+    with open(path, "wb") as file:
+        pickle.dump({"model": state, "hook": Exploit(canary)}, file, protocol=4)
+    result = run_cli("add-bias", path, "-o", tmp_path / "out.pkl")
+    line = assert_clean_failure(result.stderr, result.exit_code)
+    assert "never re-creates" in line
+    assert not (tmp_path / "out.pkl").exists()
+    assert run_cli("add-bias", path, "-o", tmp_path / "out.npz").exit_code == 0
+    assert not canary.exists()

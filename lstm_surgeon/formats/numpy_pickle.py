@@ -275,7 +275,8 @@ class NumpyPickleFormat:
             return
         order = list(arrays)
         new = [name for name in order if name not in source.tensors]
-        placing = _Placing(source, arrays, order, new, drop_keys)
+        names = {id(stub): name for name, stub in _arrays(source.path, state.root)}
+        placing = _Placing(source, arrays, order, new, drop_keys, names)
         root = placing.rebuild(state.root, ())
         if placing.unplaced():
             raise EditError(
@@ -306,15 +307,16 @@ def _dotted(location: Location) -> str:
 
 
 def _arrays(path: Path, root: Any) -> list[tuple[str, ArrayStub]]:
-    """Every array of the tree by dotted name (dicts, lists and tuples are walked; objects not)."""
+    """Every array of the tree by dotted name (dicts, lists and tuples are walked; objects not);
+    an array reached twice (the pickle memo shares it) is named where it is first reached."""
     arrays: dict[str, ArrayStub] = {}
     seen: set[int] = set()
     try:
         for location, node in _walk(root, ()):
-            if not isinstance(node, ArrayStub):
+            if not isinstance(node, ArrayStub) or id(node) in seen:
                 continue
             name = _dotted(location)
-            if name in arrays or id(node) in seen:
+            if name in arrays:
                 raise CheckpointError(f"{path}: two arrays are both named {name!r} (ambiguous)")
             arrays[name] = node
             seen.add(id(node))
@@ -377,13 +379,14 @@ class _Placing:
     order: list[str]
     new: list[str]
     drop_keys: frozenset[str]
+    names: dict[int, str]  # id of each array stub -> its name (shared arrays stay shared)
 
     def unplaced(self) -> list[str]:
         return self.new
 
     def rebuild(self, node: Any, location: Location) -> Any:
         if isinstance(node, ArrayStub):
-            return self.arrays[_dotted(location)]
+            return self.arrays[self.names[id(node)]]
         if isinstance(node, LocatedBytes):
             return bytes(self.source.buffer[node.offset : node.offset + node.size])
         if isinstance(node, (Opaque, DTypeStub, type)):
@@ -405,7 +408,7 @@ class _Placing:
     def _kept(self, value: Any, location: Location) -> bool:
         if len(location) == 1 and str(location[0]) in self.drop_keys:
             return False
-        return not isinstance(value, ArrayStub) or _dotted(location) in self.arrays
+        return not isinstance(value, ArrayStub) or self.names[id(value)] in self.arrays
 
     def _rebuild_dict(self, node: dict[Any, Any], location: Location) -> dict[Any, Any]:
         rebuilt = type(node)()  # a dict or an OrderedDict: the only mappings the reader makes
@@ -414,7 +417,7 @@ class _Placing:
             if not self._kept(value, (*location, key)):
                 continue
             rebuilt[key] = self.rebuild(value, (*location, key))
-            if isinstance(value, ArrayStub):
+            if isinstance(value, ArrayStub) and self.names[id(value)] == _dotted((*location, key)):
                 self._place_after(rebuilt, _dotted((*location, key)), prefix)
         return rebuilt
 
