@@ -147,3 +147,14 @@ def test_verify_check_and_diff_see_the_renamed_layer(run_cli, tmp_path, custom_p
         ("rnn1.bias_ih", "rnn1"),
         ("rnn1.bias_hh", "rnn1"),
     }
+
+
+def test_every_command_that_reads_a_checkpoint_takes_rename():
+    import typer
+
+    from lstm_surgeon.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for name, command in commands.items():
+        options = {option for param in command.params for option in param.opts}
+        assert ("--rename" in options) == (name != "recover"), name
