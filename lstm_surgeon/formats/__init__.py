@@ -58,12 +58,19 @@ class CheckpointFormat(Protocol):
 
 
 def _formats() -> tuple[CheckpointFormat, ...]:
-    from lstm_surgeon.formats import numpy_format, numpy_pickle, safetensors_format, torch_zip
+    from lstm_surgeon.formats import (
+        numpy_format,
+        numpy_pickle,
+        onnx_format,
+        safetensors_format,
+        torch_zip,
+    )
 
     return (
         safetensors_format.FORMAT,
         numpy_format.NPZ_FORMAT,  # before torch.save's zips: it claims only zips of .npy members
         torch_zip.FORMAT,
+        onnx_format.FORMAT,
         numpy_format.NPY_FORMAT,
         numpy_pickle.FORMAT,  # after torch.save's: it claims pre-1.6 torch.save pickles
     )
