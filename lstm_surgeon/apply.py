@@ -163,11 +163,12 @@ def _fingerprint(plan: EditPlan) -> tuple[str, tuple[bytes, ...]]:
 
 def refuse_unsupported(checkpoint: Checkpoint, plan: EditPlan, destination: Destination) -> None:
     """What a checkpoint of several files cannot do yet, said before anything is asked or written."""
-    if len(checkpoint.files) == 1:
+    count = len(checkpoint.disk_files)
+    if count == 1:
         return
     if not destination.in_place:
         raise OutputError(
-            f"{checkpoint.path}: -o writes one file, and this checkpoint is {len(checkpoint.files)} "
+            f"{checkpoint.path}: -o writes one file, and this checkpoint is {count} "
             "files; edit it with --in-place"
         )
     if destination.backup:
@@ -199,7 +200,11 @@ def apply_plan(
     backup = None
     if destination.in_place and destination.backup and plan.changes_anything:
         backup = str(backup_copy(checkpoint.path, destination.force))
-    same_structure = not plan.changes_structure and target_format is checkpoint.format
+    same_structure = (
+        not plan.changes_structure
+        and target_format is checkpoint.format
+        and not _edits_in_memory(checkpoint, plan)
+    )
     patches = byte_patches(checkpoint, plan.edits) if same_structure else []
     if destination.in_place and not patches and same_structure:
         method = "none"
@@ -215,6 +220,15 @@ def apply_plan(
     return WriteResult(
         str(target), target_format.name, destination.in_place, method != "none", method, backup
     )
+
+
+def _edits_in_memory(checkpoint: Checkpoint, plan: EditPlan) -> bool:
+    """True when an edit lands in bytes that lie in no file (an inflated compressed member): no
+    patch can put them back, so the file is rewritten."""
+    files = {
+        checkpoint.tensors[edit.tensor].storage.file for edit in plan.edits if edit.changes_anything
+    }
+    return any(checkpoint.files[index].in_memory for index in files)
 
 
 def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> CheckpointFormat:

@@ -5,6 +5,7 @@ torch.load does not check CRCs, so a flipped bit in a `.pt` loads silently; `che
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.renames import RenameRule, renamed
 from lstm_surgeon.writing import RECOVER_HINT, Progress, StaleJournalError
 
 
@@ -41,7 +43,9 @@ class CheckReport:
         }
 
 
-def check_checkpoint(path: Path, progress: Progress | None = None) -> CheckReport:
+def check_checkpoint(
+    path: Path, progress: Progress | None = None, renames: Iterable[RenameRule] = ()
+) -> CheckReport:
     """Every problem found in the file; missing files and folders raise (they are not checkpoints).
 
     Checking only reads. A file whose in-place edit was interrupted is a problem (other programs
@@ -57,7 +61,7 @@ def check_checkpoint(path: Path, progress: Progress | None = None) -> CheckRepor
     with checkpoint:
         report = CheckReport(str(path), checkpoint.format_name, problems)
         _check_records(checkpoint, report, progress)
-        _check_recurrent_values(checkpoint, report)
+        _check_recurrent_values(renamed(checkpoint, renames), report)
     return report
 
 

@@ -156,11 +156,14 @@ class CheckpointFile:
     """One file of a checkpoint and a read-only map of its bytes.
 
     `pending_rollback` is True when an in-place edit of the file was interrupted and the map shows
-    the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk."""
+    the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk.
+    `in_memory` is True for bytes that lie in no file on disk (a compressed member of an archive,
+    inflated): they are read like a file's, but an edit of them rewrites the archive."""
 
     path: Path
     buffer: Buffer
     pending_rollback: bool = False
+    in_memory: bool = False
 
     @property
     def size(self) -> int:
@@ -198,8 +201,13 @@ class Checkpoint:
 
     @property
     def size(self) -> int:
-        """The bytes of every file together."""
-        return sum(file.size for file in self.files)
+        """The bytes of every file on disk together."""
+        return sum(file.size for file in self.disk_files)
+
+    @property
+    def disk_files(self) -> tuple[CheckpointFile, ...]:
+        """The files on disk (not the inflated copies of compressed members)."""
+        return tuple(file for file in self.files if not file.in_memory)
 
     @property
     def buffer(self) -> Buffer:

@@ -76,7 +76,11 @@ _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
 # Options shared by several commands, defined once.
 CheckpointArg = Annotated[
-    Path, typer.Argument(metavar="CHECKPOINT", help="A .pt (torch.save) or .safetensors file.")
+    Path,
+    typer.Argument(
+        metavar="CHECKPOINT",
+        help="A .pt (torch.save), .safetensors or numpy (.npy, .npz, pickled arrays) file.",
+    ),
 ]
 LayerOpt = Annotated[
     list[str] | None,
@@ -88,6 +92,15 @@ LayerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+RenameOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rename",
+        metavar="REGEX=REPLACEMENT",
+        help="Read tensor names as renamed (Python re.sub, split at the last '='; repeatable), "
+        r"e.g. '^(rnn\d)_w_(ih|hh)$=\1.weight_\2'. Edits still write the real tensors.",
+    ),
+]
 HistOpt = Annotated[
     bool,
     typer.Option(
@@ -198,7 +211,11 @@ def _root(
 @app.command()
 @_command
 def inspect(
-    checkpoint: CheckpointArg, layer: LayerOpt = None, hist: HistOpt = False, json: JsonOpt = False
+    checkpoint: CheckpointArg,
+    layer: LayerOpt = None,
+    hist: HistOpt = False,
+    rename: RenameOpt = None,
+    json: JsonOpt = False,
 ) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
@@ -207,15 +224,22 @@ def inspect(
     \b
     lstm-surgeon inspect model.pt --layer 'encoder*' --hist
     """
+    from lstm_surgeon.discovery import discover
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
+    from lstm_surgeon.renames import parse_renames, rename_hint, renamed
     from lstm_surgeon.render import inspection_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
-        inspection = inspect_checkpoint(opened, layer or (), histograms=hist)
+        view = renamed(opened, rules)
+        inspection = inspect_checkpoint(view, layer or (), histograms=hist)
+        hint = None if inspection.layers else rename_hint(view, discover(view))
     for warning in inspection.warnings:
         out.warn(warning)
+    if hint is not None:
+        out.note(hint)
     out.show(inspection_view(inspection))
     out.data(inspection.to_dict())
 
@@ -233,6 +257,7 @@ class EditOptions:
     json: bool
     backup: bool
     fsync: bool
+    rename: list[str] | None = None
 
 
 def _selection(
@@ -246,9 +271,11 @@ def _selection(
 def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions) -> None:
     """Plan, preview, confirm and write one edit (the flow every editing command shares)."""
     from lstm_surgeon.apply import Destination, edit_checkpoint
+    from lstm_surgeon.renames import parse_renames, with_renames
     from lstm_surgeon.render import plan_view, result_line
 
     out = _output(options.json)
+    planner = with_renames(planner, parse_renames(options.rename or ()))
     destination = None
     if not options.dry_run:
         destination = Destination(
@@ -319,6 +346,7 @@ def set_forget_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Set the forget-gate bias of every LSTM (default: the gate sees exactly 1).
 
@@ -348,6 +376,7 @@ def set_forget_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(checkpoint, planner, options)
 
@@ -378,6 +407,7 @@ def set_gate_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Set one gate's bias in every layer that has that gate.
 
@@ -398,6 +428,7 @@ def set_gate_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -429,6 +460,7 @@ def zero_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Zero the biases of recurrent layers, or drop them with --drop.
 
@@ -449,6 +481,7 @@ def zero_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -471,6 +504,7 @@ def add_bias(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Give bias=False layers zero biases, so they load into bias=True modules.
 
@@ -491,6 +525,7 @@ def add_bias(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -519,6 +554,7 @@ def zero_input(
     json: JsonOpt = False,
     backup: BackupOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
 ) -> None:
     """Zero input columns of sub-layer 0's weight_ih, so the model ignores those features.
 
@@ -540,6 +576,7 @@ def zero_input(
         json=json,
         backup=backup,
         fsync=fsync,
+        rename=rename,
     )
     _edit(
         checkpoint,
@@ -550,7 +587,12 @@ def zero_input(
 
 @app.command()
 @_command
-def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def verify(
+    checkpoint: CheckpointArg,
+    layer: LayerOpt = None,
+    rename: RenameOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
     Example:
@@ -559,12 +601,14 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
     lstm-surgeon verify fixed.pt
     """
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render import verification_view
     from lstm_surgeon.verify import verify_checkpoint
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
-        verification = verify_checkpoint(opened, layer or ())
+        verification = verify_checkpoint(renamed(opened, rules), layer or ())
     for warning in verification.warnings:
         out.warn(warning)
     for checked in verification.layers:
@@ -592,6 +636,7 @@ def convert(
     layer: LayerOpt = None,
     force: ForceOpt = False,
     fsync: FsyncOpt = False,
+    rename: RenameOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Write the recurrent layers of any readable file as a PyTorch state dict.
@@ -606,12 +651,15 @@ def convert(
     """
     from lstm_surgeon.convert import plan_conversion, write_conversion
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render import conversion_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
-        conversion = plan_conversion(opened, tuple(layer or ()), carry_all)
-        written = write_conversion(conversion, opened, output, force, fsync)
+        view = renamed(opened, rules)
+        conversion = plan_conversion(view, tuple(layer or ()), carry_all)
+        written = write_conversion(conversion, view, output, force, fsync)
     out.show(conversion_view(conversion, output, written))
     out.data({**conversion.to_dict(), "output": str(output), "format": written})
 
@@ -643,7 +691,7 @@ def recover(
 
 @app.command()
 @_command
-def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
+def check(checkpoint: CheckpointArg, rename: RenameOpt = None, json: JsonOpt = False) -> None:
     """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
 
     Example:
@@ -652,12 +700,14 @@ def check(checkpoint: CheckpointArg, json: JsonOpt = False) -> None:
     lstm-surgeon check downloaded.pt
     """
     from lstm_surgeon.check import check_checkpoint
+    from lstm_surgeon.renames import parse_renames
     from lstm_surgeon.render import check_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     size = checkpoint.stat().st_size if checkpoint.is_file() else 0
     with out.progress("checking", size) as progress:
-        report = check_checkpoint(checkpoint, progress)
+        report = check_checkpoint(checkpoint, progress, rules)
     out.show(check_view(report))
     out.data(report.to_dict())
     if not report.sound:
@@ -692,6 +742,7 @@ def diff(
             "layers of different frameworks are otherwise matched by name, then by order and shape.",
         ),
     ] = None,
+    rename: RenameOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -704,17 +755,19 @@ def diff(
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.layer_diff import parse_matches
+    from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
+    rules = parse_renames(rename or ())
     with (
         open_checkpoint(a) as first,
         open_checkpoint(b) as second,
         out.progress("comparing", first.size) as progress,
     ):
         result = diff_checkpoints(
-            first,
-            second,
+            renamed(first, rules),
+            renamed(second, rules),
             atol=atol,
             rtol=rtol,
             layer_globs=layer or (),

@@ -58,9 +58,22 @@ class CheckpointFormat(Protocol):
 
 
 def _formats() -> tuple[CheckpointFormat, ...]:
-    from lstm_surgeon.formats import onnx_format, safetensors_format, torch_zip
+    from lstm_surgeon.formats import (
+        numpy_format,
+        numpy_pickle,
+        onnx_format,
+        safetensors_format,
+        torch_zip,
+    )
 
-    return (safetensors_format.FORMAT, torch_zip.FORMAT, onnx_format.FORMAT)
+    return (
+        safetensors_format.FORMAT,
+        numpy_format.NPZ_FORMAT,  # before torch.save's zips: it claims only zips of .npy members
+        torch_zip.FORMAT,
+        onnx_format.FORMAT,
+        numpy_format.NPY_FORMAT,
+        numpy_pickle.FORMAT,  # after torch.save's: it claims pre-1.6 torch.save pickles
+    )
 
 
 def format_for_suffix(path: Path) -> CheckpointFormat | None:
@@ -167,7 +180,10 @@ def _open_file(path: Path, entries: tuple[JournalEntry, ...]) -> Checkpoint:
         close_buffer(buffer)
         raise
     if pending:
-        checkpoint.files = (replace(checkpoint.files[0], pending_rollback=True),)
+        checkpoint.files = (
+            replace(checkpoint.files[0], pending_rollback=True),
+            *checkpoint.files[1:],
+        )
         checkpoint.warnings.append(f"{path}: {PENDING_ROLLBACK_NOTE.format(path=path)}")
     return checkpoint
 

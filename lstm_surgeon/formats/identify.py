@@ -1,6 +1,6 @@
 """Say what a file is when it is not a checkpoint lstm-surgeon reads, judged from its bytes alone.
 
-A user who passes a Keras `.h5` file or a numpy archive learns more from "an HDF5 file" than from "not
+A user who passes a Keras `.h5` file or a GGUF file learns more from "an HDF5 file" than from "not
 a checkpoint". Only magic numbers and framing are read; nothing in the file is executed or unpickled.
 The ONNX tests live here too (they walk the top-level protobuf fields without decoding them): the ONNX
 format module claims a file by them.
@@ -11,13 +11,14 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable, Iterable
 
-READABLE = "lstm-surgeon reads torch.save and safetensors files"
-UNKNOWN = "not a checkpoint lstm-surgeon can read (expected a torch.save zip file or safetensors)"
+READABLE = "lstm-surgeon reads torch.save, safetensors, ONNX and numpy files"
+UNKNOWN = (
+    "not a checkpoint lstm-surgeon can read (expected a torch.save zip file, safetensors, ONNX or "
+    "numpy files)"
+)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-NPY_MAGIC = b"\x93NUMPY"
 GGUF_MAGIC = b"GGUF"
-PICKLE_PROTOCOLS = range(2, 6)  # the PROTO opcode (0x80) opens every pickle of protocol 2 to 5
 
 # ModelProto's fields (onnx.proto) and their wire types: 0 = varint, 2 = length-delimited.
 ONNX_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -34,11 +35,8 @@ def unreadable_message(path: object, buffer: Buffer) -> str:
 
 
 def unreadable_zip_message(path: object, names: Iterable[str]) -> str:
-    """The one-line error for a zip archive without a torch.save pickle: what it holds, if known."""
-    what = describe_zip(names)
-    if what is None:
-        return f"{path}: a zip file, but not a torch.save checkpoint (no data.pkl)"
-    return _not_a_checkpoint(path, what)
+    """The one-line error for a zip archive without a torch.save pickle (nor .npy members)."""
+    return f"{path}: a zip file, but not a torch.save checkpoint (no data.pkl)"
 
 
 def _not_a_checkpoint(path: object, what: str) -> str:
@@ -50,14 +48,6 @@ def describe(buffer: Buffer) -> str | None:
     for matches, description in SIGNATURES:
         if matches(buffer):
             return description
-    return None
-
-
-def describe_zip(names: Iterable[str]) -> str | None:
-    """What a zip archive is, from its member names (None when they say nothing known)."""
-    names = list(names)
-    if names and all(name.endswith(".npy") for name in names):
-        return "a numpy .npz archive (np.savez)"
     return None
 
 
@@ -74,17 +64,6 @@ def is_hdf5(buffer: Buffer) -> bool:
             return True
         offset = max(512, offset * 2)
     return False
-
-
-def is_plain_pickle(buffer: Buffer) -> bool:
-    """A pickle of protocol 2 or later that ends with its STOP opcode. (Pre-1.6 torch.save files are
-    pickles too, but the torch format module claims them first and says how to re-save them.)"""
-    return (
-        len(buffer) >= 3
-        and buffer[0] == 0x80
-        and buffer[1] in PICKLE_PROTOCOLS
-        and buffer[len(buffer) - 1 :] == b"."
-    )
 
 
 def is_onnx_model(buffer: Buffer) -> bool:
@@ -140,8 +119,6 @@ def _varint(buffer: Buffer, position: int) -> tuple[int | None, int]:
 
 
 SIGNATURES: tuple[tuple[Callable[[Buffer], bool], str], ...] = (
-    (starts_with(NPY_MAGIC), "a numpy array file (.npy, np.save)"),
     (is_hdf5, "an HDF5 file (such as a Keras .h5 model)"),
     (starts_with(GGUF_MAGIC), "a GGUF file (llama.cpp)"),
-    (is_plain_pickle, "a plain pickle file (pickle.dump)"),
 )

@@ -231,22 +231,30 @@ class _Global:
         return result
 
 
+def resolve_global(
+    module: str, name: str, extra: dict[tuple[str, str], Callable[..., Any]] | None = None
+) -> Any:
+    """What a pickle's global resolves to: an allowed container type, a stand-in for an allowed
+    function (`extra` adds some), a storage or dtype marker, or else an inert `Opaque` type."""
+    allowed = _ALLOWED.get((module, name)) or (extra or {}).get((module, name))
+    if isinstance(allowed, type):
+        return allowed  # builtin container types: immutable
+    if allowed is not None:
+        return _Global(module, name, allowed)
+    if (module, name) in _UNTYPED_STORAGES:
+        return StorageType("", module, name)
+    if module == "torch" and name in BY_TORCH_STORAGE_CLASS:
+        return StorageType(BY_TORCH_STORAGE_CLASS[name].name, module, name)
+    if module == "torch" and name in BY_NAME:
+        return DTypeName(name)
+    return _opaque_type(module, name)
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Builds stubs and inert objects; resolves no real global, so nothing in the file can run."""
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED.get((module, name))
-        if isinstance(allowed, type):
-            return allowed  # builtin container types: immutable
-        if allowed is not None:
-            return _Global(module, name, allowed)
-        if (module, name) in _UNTYPED_STORAGES:
-            return StorageType("", module, name)
-        if module == "torch" and name in BY_TORCH_STORAGE_CLASS:
-            return StorageType(BY_TORCH_STORAGE_CLASS[name].name, module, name)
-        if module == "torch" and name in BY_NAME:
-            return DTypeName(name)
-        return _opaque_type(module, name)
+        return resolve_global(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         if (

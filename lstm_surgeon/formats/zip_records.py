@@ -38,6 +38,8 @@ class ZipRecord:
     crc: int
     crc_offsets: tuple[int, ...]  # every file offset holding this record's CRC-32
     stored: bool = True  # False: compressed, so its bytes cannot be read or patched in place
+    compressed_size: int | None = None  # the bytes it takes in the file (None: `size`)
+    method: int = STORED  # the zip compression method (0 stored, 8 deflated)
 
     def check_crc(self, buffer: mmap.mmap | bytes) -> bool:
         return crc32_of(buffer, self.data_offset, self.size) == self.crc
@@ -148,7 +150,7 @@ def _read_central_entry(
         crc_offsets.append(_descriptor_crc_offset(path, read_at, data_offset + compressed))
     else:
         crc_offsets.append(local_crc_offset)
-    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored)
+    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored, compressed, method)
     return record, position + 46 + name_len + extra_len + comment_len
 
 
