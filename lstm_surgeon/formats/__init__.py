@@ -58,9 +58,15 @@ class CheckpointFormat(Protocol):
 
 
 def _formats() -> tuple[CheckpointFormat, ...]:
-    from lstm_surgeon.formats import safetensors_format, torch_zip
+    from lstm_surgeon.formats import pt2, safetensors_format, torch_legacy, torch_zip, torchscript
 
-    return (safetensors_format.FORMAT, torch_zip.FORMAT)
+    return (
+        safetensors_format.FORMAT,
+        torch_zip.FORMAT,
+        torchscript.FORMAT,
+        pt2.FORMAT,
+        torch_legacy.FORMAT,
+    )
 
 
 def format_for_suffix(path: Path) -> CheckpointFormat | None:

@@ -76,8 +76,8 @@ def is_hdf5(buffer: Buffer) -> bool:
 
 
 def is_plain_pickle(buffer: Buffer) -> bool:
-    """A pickle of protocol 2 or later that ends with its STOP opcode. (Pre-1.6 torch.save files are
-    pickles too, but the torch format module claims them first and says how to re-save them.)"""
+    """A pickle of protocol 2 or later that ends with its STOP opcode. (Pre-1.6 torch.save files
+    open with a pickle too, but their own format module claims them first.)"""
     return (
         len(buffer) >= 3
         and buffer[0] == 0x80
