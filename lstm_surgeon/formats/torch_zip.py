@@ -2,7 +2,9 @@
 
 Reading never runs the pickle's code (`pickle_reader`), so checkpoints that `torch.load(weights_only=True)`
 refuses still show their tensors. Each tensor is named by its dotted path from the pickle's root
-(`state_dict.model.lstm.bias_ih_l0`). Patching writes into the storage records where they lie and then
+(`state_dict.model.lstm.bias_ih_l0`). TorchScript and PT2 archives are zips from the same writer:
+`read` tells them by their records and hands them to their own modules (`torchscript`, `pt2`), which
+share this module's helpers. Patching writes into the storage records where they lie and then
 refreshes their CRC-32 everywhere the zip stores it. Writing a new structure (tensors added or dropped)
 writes the reader's own object tree back (`pickle_writer`, `zip_writer`): no torch, nothing executed,
 and every object of the file kept, inert or not; untouched storages keep their bytes.
