@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_failure
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
@@ -101,6 +103,30 @@ def test_a_file_saved_from_a_gpu_reads_without_one(tmp_path, torch_reference):
     with open_checkpoint(path) as checkpoint:
         torch_reference.assert_matches(checkpoint, load(path))
         torch_reference.assert_matches(checkpoint, state)
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.dictionaries(
+        st.text("abcxyz_", min_size=1, max_size=6),
+        st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_property_read_equals_torch_load(tmp_path, torch_reference, specs):
+    state = {
+        name: (torch.arange(int(np.prod(shape)), dtype=torch.float64) - 3).to(dtype).reshape(shape)
+        for name, (dtype, shape) in specs.items()
+    }
+    path = legacy_save(state, tmp_path / "random.pt")
+    with open_checkpoint(path) as checkpoint:
+        torch_reference.assert_matches(checkpoint, load(path))
 
 
 # --- Editing --------------------------------------------------------------------------------------

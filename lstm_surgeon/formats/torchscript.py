@@ -83,7 +83,13 @@ class TorchScriptFormat:
         check_byteorder(path, buffer, records, state.prefix)
         root = unpickle_record(path, buffer, _record(path, state, "data.pkl"))
         constants = unpickle_record(path, buffer, _record(path, state, "constants.pkl"))
-        tensors = _tensors(path, state, root, "data") | _tensors(path, state, constants, CONSTANTS)
+        tensors = _tensors(path, state, root, "data")
+        constant_tensors = _tensors(path, state, constants, CONSTANTS)
+        if tensors.keys() & constant_tensors.keys():
+            raise CheckpointError(
+                f"{path}: a module attribute is named like a constant (ambiguous)"
+            )
+        tensors |= constant_tensors
         checkpoint = Checkpoint(
             path=path,
             format=self,
