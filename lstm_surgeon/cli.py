@@ -88,6 +88,12 @@ LayerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+HistOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hist", help="Add a histogram of each gate's per-unit bias (one range per table)."
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -191,13 +197,15 @@ def _root(
 
 @app.command()
 @_command
-def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def inspect(
+    checkpoint: CheckpointArg, layer: LayerOpt = None, hist: HistOpt = False, json: JsonOpt = False
+) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
     Example:
 
     \b
-    lstm-surgeon inspect model.pt --layer 'encoder*'
+    lstm-surgeon inspect model.pt --layer 'encoder*' --hist
     """
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
@@ -205,7 +213,7 @@ def inspect(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = F
 
     out = _output(json)
     with open_checkpoint(checkpoint) as opened:
-        inspection = inspect_checkpoint(opened, layer or ())
+        inspection = inspect_checkpoint(opened, layer or (), histograms=hist)
     for warning in inspection.warnings:
         out.warn(warning)
     out.show(inspection_view(inspection))
@@ -567,6 +575,46 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
 
 @app.command()
 @_command
+def convert(
+    checkpoint: CheckpointArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="PATH", help="The PyTorch state dict (.safetensors or .pt)."
+        ),
+    ],
+    carry_all: Annotated[
+        bool, typer.Option("--all", help="Also carry every other tensor under its own name.")
+    ] = False,
+    layer: LayerOpt = None,
+    force: ForceOpt = False,
+    fsync: FsyncOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Write the recurrent layers of any readable file as a PyTorch state dict.
+
+    Gates are reordered, kernels transposed and single or packed biases split, so that torch's
+    modules compute what the source computes. Cells torch cannot compute are refused.
+
+    Example:
+
+    \b
+    lstm-surgeon convert model.onnx -o model.safetensors
+    """
+    from lstm_surgeon.convert import plan_conversion, write_conversion
+    from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.render import conversion_view
+
+    out = _output(json)
+    with open_checkpoint(checkpoint) as opened:
+        conversion = plan_conversion(opened, tuple(layer or ()), carry_all)
+        written = write_conversion(conversion, opened, output, force, fsync)
+    out.show(conversion_view(conversion, output, written))
+    out.data({**conversion.to_dict(), "output": str(output), "format": written})
+
+
+@app.command()
+@_command
 def recover(
     checkpoint: Annotated[
         Path,
@@ -631,6 +679,16 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    hist: HistOpt = False,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--match",
+            metavar="A=B",
+            help="Compare layer A of the first file with layer B of the second (repeatable); "
+            "layers of different frameworks are otherwise matched by name, then by order and shape.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -642,6 +700,7 @@ def diff(
     """
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.layer_diff import parse_matches
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
@@ -658,6 +717,8 @@ def diff(
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
             progress=progress,
+            histograms=hist,
+            matches=parse_matches(match or ()),
         )
     for warning in result.warnings:
         out.warn(warning)
@@ -665,6 +726,59 @@ def diff(
     out.data(result.to_dict())
     if not result.identical:
         raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def trend(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT...", help="The checkpoints of one training run, in any order."
+        ),
+    ],
+    gate: Annotated[
+        list[str] | None,
+        typer.Option("--gate", metavar="NAME", help="Only this gate (repeatable; default all)."),
+    ] = None,
+    layer: LayerOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the trends into FILE.png or FILE.svg (needs lstm-surgeon[plot]).",
+        ),
+    ] = None,
+    plot_size: Annotated[
+        str,
+        typer.Option("--plot-size", metavar="WxH", help="The plot's size in pixels."),
+    ] = "1200x800",
+    json: JsonOpt = False,
+) -> None:
+    """Follow each gate's bias (mean, 10th and 90th percentile) across a training run.
+
+    The run is ordered by the step or epoch the checkpoints store, else by name.
+
+    Example:
+
+    \b
+    lstm-surgeon trend runs/exp1/*.ckpt --gate forget --plot forget.png
+    """
+    from lstm_surgeon.plot import plot_request, write_plot
+    from lstm_surgeon.render_trend import TrendView
+    from lstm_surgeon.trend import follow_run
+
+    out = _output(json)
+    request = None if plot is None else plot_request(plot, plot_size)
+    result = follow_run(checkpoints, gate or (), layer or ())
+    for warning in result.warnings:
+        out.warn(warning)
+    out.show(TrendView(result))
+    if request is not None:
+        write_plot(result, request)
+        out.note(f"plot written to {request.path}")
+    out.data(result.to_dict())
 
 
 def main() -> None:

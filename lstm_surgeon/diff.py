@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
-from lstm_surgeon.discovery import Discovery, discover
+from lstm_surgeon.discovery import Discovery, discover, select_layers
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.gates import Gate, effective_bias
+from lstm_surgeon.histogram import Histogram, histograms_over_one_range
 from lstm_surgeon.layers import BIAS_HH, BIAS_IH, BIAS_ROLES, Cell, RecurrentLayer, Region
 from lstm_surgeon.stats import Summary
 
@@ -63,18 +64,28 @@ class GateDiff:
 
 @dataclass(frozen=True)
 class EffectiveBias:
-    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent."""
+    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent.
+
+    `histograms` (when asked for) are before's and after's, over one range shared by every gate of
+    the cell, so they can be drawn side by side and compared."""
 
     gate: str
     before: Summary | None
     after: Summary | None
+    histograms: tuple[Histogram | None, Histogram | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        entry = {
             "gate": self.gate,
             "before": None if self.before is None else self.before.to_dict(),
             "after": None if self.after is None else self.after.to_dict(),
         }
+        if self.histograms is not None:
+            entry["histogram"] = {
+                side: None if histogram is None else histogram.to_dict()
+                for side, histogram in zip(("before", "after"), self.histograms, strict=True)
+            }
+        return entry
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,8 @@ class DiffResult:
     changed: tuple[TensorDiff, ...]
     unchanged_count: int
     warnings: tuple[str, ...] = field(default=())
+    # Layers compared across frameworks, as (A's, B's); then added/removed name layers, not tensors.
+    matched: tuple[tuple[str, str], ...] = ()
 
     @property
     def identical(self) -> bool:
@@ -161,6 +174,7 @@ class DiffResult:
             "changed": [entry.to_dict() for entry in self.changed],
             "unchanged_count": self.unchanged_count,
             "warnings": list(self.warnings),
+            "matched": [{"a": a, "b": b} for a, b in self.matched],
         }
 
 
@@ -247,7 +261,7 @@ def _cell_params(
 
 
 @dataclass(frozen=True)
-class _Tolerance:
+class Tolerance:
     atol: float
     rtol: float
 
@@ -260,7 +274,7 @@ class _Tolerance:
 
 
 @dataclass
-class _Running:
+class Running:
     """Running |a - b| statistics and the changed flag of one region, accumulated chunk by chunk."""
 
     count: int = 0
@@ -296,8 +310,8 @@ def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return diff
 
 
-def _compare_chunk(
-    raw_a: np.ndarray, raw_b: np.ndarray, dtypes: tuple[DType, DType], tol: _Tolerance
+def compare_chunk(
+    raw_a: np.ndarray, raw_b: np.ndarray, dtypes: tuple[DType, DType], tol: Tolerance
 ) -> tuple[np.ndarray, bool]:
     a, b = _widened(raw_a, dtypes[0]), _widened(raw_b, dtypes[1])
     if tol.exact and dtypes[0] == dtypes[1] and dtypes[0].storage.kind in "iub":
@@ -308,12 +322,12 @@ def _compare_chunk(
 
 
 def _compare_flat(
-    flats: tuple[np.ndarray, np.ndarray], dtypes: tuple[DType, DType], tol: _Tolerance
-) -> _Running:
-    running = _Running()
+    flats: tuple[np.ndarray, np.ndarray], dtypes: tuple[DType, DType], tol: Tolerance
+) -> Running:
+    running = Running()
     for start in range(0, flats[0].size, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, flats[0].size)
-        diff, changed = _compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
+        diff, changed = compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
         running.add(diff, changed)
     return running
 
@@ -326,8 +340,8 @@ def _region_flats(
     return region.raw_of(raws[0]).reshape(-1), region.raw_of(raws[1]).reshape(-1)
 
 
-def _merge(parts: Iterable[_Running]) -> _Running:
-    merged = _Running()
+def merge_running(parts: Iterable[Running]) -> Running:
+    merged = Running()
     for part in parts:
         merged.count += part.count
         merged.total += part.total
@@ -358,8 +372,9 @@ class _Pair:
 def _compare_pair(
     pair: _Pair,
     sides: tuple[_Side, _Side],
-    tol: _Tolerance,
+    tol: Tolerance,
     progress: Callable[[int], None] | None = None,
+    histograms: bool = False,
 ) -> TensorDiff | None:
     """The tensor's differences, or None when it is unchanged within tolerance."""
     a, b = pair.a, pair.b
@@ -376,7 +391,7 @@ def _compare_pair(
             (gate, _compare_flat(_region_flats(raws, region), dtypes, tol))
             for gate, region in regions
         ]
-        total = _merge(running for _, running in per_gate)
+        total = merge_running(running for _, running in per_gate)
     else:
         flats = (raws[0].reshape(-1), raws[1].reshape(-1))
         per_gate, total = [], _compare_flat(flats, dtypes, tol)
@@ -387,13 +402,13 @@ def _compare_pair(
         for gate, running in per_gate
     )
     changed_gates = [gate for gate, running in per_gate if running.changed]
-    effective = _effective(pair.info, sides, changed_gates)
+    effective = _effective(pair.info, sides, changed_gates, histograms)
     return _tensor_diff(pair, total, gate_diffs, dtype, None, effective)
 
 
 def _tensor_diff(
     pair: _Pair,
-    total: _Running | None,
+    total: Running | None,
     gate_diffs: tuple[GateDiff, ...],
     dtype: tuple[str, str] | None,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
@@ -417,19 +432,34 @@ def _tensor_diff(
 
 
 def _effective(
-    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate]
+    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate], histograms: bool
 ) -> tuple[EffectiveBias, ...]:
-    """What each changed gate sees before and after, for a changed bias (else nothing)."""
+    """What each changed gate sees before and after, for a changed bias (else nothing); with
+    `histograms`, its distributions over the range of every summing gate of the cell on both sides
+    (the same range for the cell's `b_ih` and `b_hh`, whichever of them changed)."""
     summing = [gate for gate in gates if gate.biases_sum]
     if info is None or info.parameter not in BIAS_ROLES or not summing:
         return ()
+    seen = {
+        gate.name: (_gate_sees(sides[0], info, gate), _gate_sees(sides[1], info, gate))
+        for gate, _ in info.gate_regions
+        if gate.biases_sum
+    }
+    drawn: dict[str, tuple[Histogram | None, Histogram | None]] = {}
+    if histograms:
+        _, flat = histograms_over_one_range([values for pair in seen.values() for values in pair])
+        drawn = dict(zip(seen, zip(flat[0::2], flat[1::2], strict=True), strict=True))
     return tuple(
-        EffectiveBias(gate.name, *(_gate_sees(side, info, gate) for side in sides))
+        EffectiveBias(gate.name, *map(_optional_summary, seen[gate.name]), drawn.get(gate.name))
         for gate in summing
     )
 
 
-def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
+def _optional_summary(values: np.ndarray | None) -> Summary | None:
+    return None if values is None else Summary.of(values)
+
+
+def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> np.ndarray | None:
     """The bias `gate` sees on one side, or None when a bias is missing or reshaped there."""
     values = []
     for region in info.bias_regions[gate.name]:
@@ -440,8 +470,7 @@ def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
         if ref is None or ref.shape != region.tensor.shape:
             return None
         values.append(widen(region.raw_of(side.checkpoint.raw(ref)), ref.dtype))
-    effective = effective_bias(gate, *values)
-    return None if effective is None else Summary.of(effective)
+    return effective_bias(gate, *values)
 
 
 def _check_tolerance(name: str, value: float) -> float:
@@ -464,19 +493,27 @@ def diff_checkpoints(
     layer_globs: Iterable[str] = (),
     strip_prefixes: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
+    histograms: bool = False,
+    matches: Sequence[tuple[str, str]] = (),
 ) -> DiffResult:
     """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
 
     `layer_globs` restricts the comparison to the tensors of the recurrent layers whose name (with
     or without the stripped prefix) matches a glob, on either side; `strip_prefixes` (`module.`,
     `_orig_mod.`, `state_dict.`) are removed from the front of every name on both sides, so a DDP
-    or Lightning checkpoint can be compared with a plain state dict.
+    or Lightning checkpoint can be compared with a plain state dict. `histograms` adds, for each
+    changed gate bias, the distribution of what the gate sees before and after.
+
+    Files whose recurrent layers come from different frameworks (or `matches`, pairs of layer
+    names) are compared layer by layer instead (`layer_diff`).
     """
-    tol = _Tolerance(_check_tolerance("atol", atol), _check_tolerance("rtol", rtol))
+    tol = Tolerance(_check_tolerance("atol", atol), _check_tolerance("rtol", rtol))
+    found = (discover(a), discover(b))
+    if matches or _frameworks(found[0]) != _frameworks(found[1]):
+        return _diff_by_layers(a, b, found, tol, list(layer_globs), matches)
     prefixes = normalize_prefixes(strip_prefixes)
     globs = list(layer_globs)
     names = (_names(a, prefixes), _names(b, prefixes))
-    found = (discover(a), discover(b))
     # A's reading of a parameter wins: it is the side the user compares against.
     params = _recurrent_params(found[1], prefixes, globs) | _recurrent_params(
         found[0], prefixes, globs
@@ -487,7 +524,8 @@ def diff_checkpoints(
     shared = [name for name in in_a if name in names[1]]
     sides = (_Side(a, names[0], prefixes), _Side(b, names[1], prefixes))
     pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
-    changed = [d for d in (_compare_pair(p, sides, tol, progress) for p in pairs) if d is not None]
+    compared = (_compare_pair(p, sides, tol, progress, histograms) for p in pairs)
+    changed = [d for d in compared if d is not None]
     return DiffResult(
         a=str(a.path),
         b=str(b.path),
@@ -500,6 +538,40 @@ def diff_checkpoints(
         changed=tuple(changed),
         unchanged_count=len(shared) - len(changed),
         warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1])),
+    )
+
+
+def _frameworks(found: Discovery) -> set[str]:
+    return {layer.framework for layer in found.layers}
+
+
+def _diff_by_layers(
+    a: Checkpoint,
+    b: Checkpoint,
+    found: tuple[Discovery, Discovery],
+    tol: Tolerance,
+    globs: list[str],
+    matches: Sequence[tuple[str, str]],
+) -> DiffResult:
+    from lstm_surgeon.layer_diff import diff_layers
+
+    layers = (select_layers(found[0].layers, globs), select_layers(found[1].layers, globs))
+    if globs and not (layers[0] or layers[1]):
+        raise DiffError(f"no recurrent layer matches {', '.join(globs)} in {a.path} or {b.path}")
+    comparison = diff_layers(a, b, layers, matches, tol)
+    return DiffResult(
+        a=str(a.path),
+        b=str(b.path),
+        a_format=a.format_name,
+        b_format=b.format_name,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        added=comparison.added,
+        removed=comparison.removed,
+        changed=tuple(comparison.changed),
+        unchanged_count=comparison.unchanged_count,
+        warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1]) + comparison.warnings),
+        matched=tuple((pair.a.name, pair.b.name) for pair in comparison.pairs),
     )
 
 
