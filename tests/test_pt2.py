@@ -117,3 +117,21 @@ def test_a_config_naming_a_missing_record_is_refused(archive, tmp_path, run_cli)
             new.writestr(info, data)
     result = run_cli("inspect", target)
     assert "missing record" in assert_clean_failure(result.stderr, result.exit_code)
+
+
+def test_a_pickled_weight_is_named_in_a_warning_not_run(archive, tmp_path):
+    """Tensor subclasses are stored as torch.save pickles, which only their code rebuilds: such a
+    weight is left unread and named, the others read as usual."""
+    target = tmp_path / "pickled.pt2"
+    with zipfile.ZipFile(archive) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            if info.filename.endswith("_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["cell.bias_hh"]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            new.writestr(info, data)
+    with open_checkpoint(target) as checkpoint:
+        assert "cell.bias_hh" not in checkpoint.tensors
+        assert "enc.bias_hh_l0" in checkpoint.tensors
+        assert any("cell.bias_hh" in warning for warning in checkpoint.warnings)
