@@ -232,8 +232,9 @@ def _edits_in_memory(checkpoint: Checkpoint, plan: EditPlan) -> bool:
 
 
 def _target_format(checkpoint: Checkpoint, target: Path, in_place: bool) -> CheckpointFormat:
-    """An in-place edit keeps the file's format; a `-o` output's suffix may ask for another."""
-    if in_place:
+    """An in-place edit keeps the file's format; so does a `-o` output with a suffix of that format
+    (a `.pt` TorchScript archive stays one); another suffix may ask for another format."""
+    if in_place or target.suffix.lower() in checkpoint.format.suffixes:
         return checkpoint.format
     return format_for_suffix(target) or checkpoint.format
 

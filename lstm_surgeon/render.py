@@ -337,7 +337,7 @@ def _opening_summary(openings: tuple[GateOpening, ...]) -> str:
 
 def check_view(report: CheckReport) -> RenderableType:
     scanned = (
-        f"{report.records_checked} zip records, {report.tensors_scanned} recurrent tensors checked"
+        f"{report.records_checked} records, {report.tensors_scanned} recurrent tensors checked"
     )
     if report.sound:
         return Text(f"{clean(report.path)}: sound ({scanned})", style="green")

@@ -6,7 +6,6 @@ import random
 import struct
 import subprocess
 import sys
-import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -488,60 +487,6 @@ def test_short_storage_record_is_refused(small_pt, tmp_path):
     with pytest.raises(CheckpointError) as error:
         open_checkpoint(target)
     assert_one_line_error(error, target)
-
-
-def test_legacy_torch_save_file_is_refused_with_advice(tmp_path):
-    target = tmp_path / "legacy.pt"
-    torch.save(nn.LSTM(2, 3).state_dict(), target, _use_new_zipfile_serialization=False)
-    with pytest.raises(UnsupportedCheckpointError) as error:
-        open_checkpoint(target)
-    message = assert_one_line_error(error, target)
-    assert "pre-1.6" in message
-    assert "re-save" in message
-    assert 'map_location="cpu"' in message  # a file saved from a GPU loads on any machine
-
-
-def test_legacy_re_save_hint_works(tmp_path):
-    """Run the code the message suggests, as written, then read the result."""
-    legacy, resaved = tmp_path / "legacy.pt", tmp_path / "resaved.pt"
-    torch.save(nn.GRU(2, 3).state_dict(), legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(UnsupportedCheckpointError) as error:
-        open_checkpoint(legacy)
-    code = str(error.value).split("(", 1)[1].rsplit(")", 1)[0]
-    exec(code, {"torch": torch, "path": legacy, "new_path": resaved})
-    with open_checkpoint(resaved) as checkpoint:
-        assert sorted(checkpoint.tensors) == sorted(nn.GRU(2, 3).state_dict())
-
-
-@pytest.fixture(scope="module")
-def scripted_archive(tmp_path_factory) -> Path:
-    """A TorchScript archive (torch.jit.save of a scripted LSTM): its code/ records are deflated."""
-    target = tmp_path_factory.mktemp("jit") / "scripted.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in 2.13
-        torch.jit.save(torch.jit.script(nn.LSTM(2, 3)), target)
-    return target
-
-
-def test_torchscript_archive_is_refused_as_torchscript(scripted_archive):
-    with pytest.raises(UnsupportedCheckpointError) as error:
-        open_checkpoint(scripted_archive)
-    assert "TorchScript" in assert_one_line_error(error, scripted_archive)
-
-
-def test_torchscript_archive_is_refused(scripted_archive):
-    with pytest.raises(CheckpointError) as error:
-        open_checkpoint(scripted_archive)
-    assert_one_line_error(error, scripted_archive)
-
-
-def test_torchscript_archive_with_stored_records_is_refused_as_torchscript(
-    scripted_archive, tmp_path
-):
-    target = rewrite_zip(scripted_archive, tmp_path / "stored_script.pt")
-    with pytest.raises(UnsupportedCheckpointError) as error:
-        open_checkpoint(target)
-    assert "TorchScript" in assert_one_line_error(error, target)
 
 
 @pytest.mark.parametrize(

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import assert_clean_failure
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lstm_surgeon import open_checkpoint
-from lstm_surgeon.errors import CheckpointError, UnsupportedCheckpointError
+from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats.identify import HDF5_SIGNATURE, UNKNOWN, describe, is_onnx_model
 
 READABLE = "not a checkpoint; lstm-surgeon reads torch.save, safetensors, ONNX and numpy files"
@@ -191,42 +187,3 @@ def test_a_truncated_onnx_model_is_named_on_stderr_and_in_json(run_cli, tmp_path
     assert json.loads(result.stdout)["error"]["message"] == line.removeprefix(
         "lstm-surgeon: error: "
     )
-
-
-# --- The pre-1.6 re-save hint works for a file saved from a GPU -----------------------------------
-
-
-def legacy_file_saved_from_a_gpu(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A pre-1.6 (non-zip) torch.save file whose storages say `cuda:0`, made without a GPU: saved
-    from the CPU, then the pickled location string rewritten (BINUNICODE: 'X', 4-byte length, text;
-    the legacy format has no offsets, so the longer string shifts nothing that matters)."""
-    torch.manual_seed(0)
-    state = {key: value.detach() for key, value in torch.nn.LSTM(2, 3).state_dict().items()}
-    cpu_file = tmp_path / "cpu.pt"
-    torch.save(state, cpu_file, _use_new_zipfile_serialization=False)
-    data = cpu_file.read_bytes()
-    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"
-    assert data.count(cpu) == 1  # pickled once, then referenced through the memo
-    path = tmp_path / "gpu_legacy.pt"
-    path.write_bytes(data.replace(cpu, cuda))
-    return path, state
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_legacy_re_save_hint_works_for_a_file_saved_from_a_gpu(tmp_path):
-    path, state = legacy_file_saved_from_a_gpu(tmp_path)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        torch.load(path, weights_only=True)  # what a hint without map_location would do
-    with pytest.raises(UnsupportedCheckpointError) as error:
-        open_checkpoint(path)
-    hint = re.search(r"\((torch\.save\(.*\))\) and try again", str(error.value))
-    assert hint is not None, error.value
-    new_path = tmp_path / "resaved.pt"
-    script = f"import torch; path = {str(path)!r}; new_path = {str(new_path)!r}; {hint.group(1)}"
-    resave = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert resave.returncode == 0, resave.stderr
-    with open_checkpoint(new_path) as checkpoint:
-        assert sorted(checkpoint.tensors) == sorted(state)
-    loaded = torch.load(new_path, weights_only=True)
-    for key, value in state.items():
-        assert torch.equal(loaded[key], value), key

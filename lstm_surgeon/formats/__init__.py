@@ -62,17 +62,23 @@ def _formats() -> tuple[CheckpointFormat, ...]:
         numpy_format,
         numpy_pickle,
         onnx_format,
+        pt2,
         safetensors_format,
+        torch_legacy,
         torch_zip,
+        torchscript,
     )
 
     return (
         safetensors_format.FORMAT,
         numpy_format.NPZ_FORMAT,  # before torch.save's zips: it claims only zips of .npy members
         torch_zip.FORMAT,
+        torchscript.FORMAT,
+        pt2.FORMAT,
+        torch_legacy.FORMAT,
         onnx_format.FORMAT,
         numpy_format.NPY_FORMAT,
-        numpy_pickle.FORMAT,  # after torch.save's: it claims pre-1.6 torch.save pickles
+        numpy_pickle.FORMAT,  # after pre-1.6 torch.save, which also opens with a pickle
     )
 
 

@@ -308,7 +308,7 @@ def _inflate(where: str, buffer: Buffer, record: ZipRecord, budget: int) -> byte
             f"{where}: compressed with zip method {record.method}; lstm-surgeon reads stored and "
             "deflated members (np.savez, np.savez_compressed)"
         )
-    compressed = record.size if record.compressed_size is None else record.compressed_size
+    compressed = record.compressed_size
     if record.size > budget:
         raise CheckpointError(
             f"{where}: claims to inflate to {record.size} bytes, more than lstm-surgeon inflates "

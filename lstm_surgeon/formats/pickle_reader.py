@@ -259,11 +259,12 @@ class SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if (
             isinstance(pid, tuple)
-            and len(pid) == 5
+            and len(pid) in (5, 6)
             and pid[0] == "storage"
             and isinstance(pid[1], StorageType)
+            and pid[5:] in ((), (None,))  # pre-1.6 files add view metadata, None unless a view
         ):
-            _, storage_type, key, location, numel = pid
+            _, storage_type, key, location, numel = pid[:5]
             dtype = _canonical_dtype(storage_type)
             return StorageStub(str(key), dtype, str(location), int(numel), storage_type)
         raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")

@@ -2,7 +2,9 @@
 
 Reading never runs the pickle's code (`pickle_reader`), so checkpoints that `torch.load(weights_only=True)`
 refuses still show their tensors. Each tensor is named by its dotted path from the pickle's root
-(`state_dict.model.lstm.bias_ih_l0`). Patching writes into the storage records where they lie and then
+(`state_dict.model.lstm.bias_ih_l0`). TorchScript and PT2 archives are zips from the same writer:
+`read` tells them by their records and hands them to their own modules (`torchscript`, `pt2`), which
+share this module's helpers. Patching writes into the storage records where they lie and then
 refreshes their CRC-32 everywhere the zip stores it. Writing a new structure (tensors added or dropped)
 writes the reader's own object tree back (`pickle_writer`, `zip_writer`): no torch, nothing executed,
 and every object of the file kept, inert or not; untouched storages keep their bytes.
@@ -14,13 +16,11 @@ import hashlib
 import mmap
 import os
 import pickle
-import struct
-import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -51,11 +51,17 @@ from lstm_surgeon.formats.pickle_reader import (
     load_safely,
 )
 from lstm_surgeon.formats.pickle_writer import dumps
-from lstm_surgeon.formats.zip_records import ReadAt, ZipRecord, read_records, require_stored
+from lstm_surgeon.formats.zip_records import (
+    ReadAt,
+    ZipRecord,
+    crc_patches,
+    crc_problems,
+    read_records,
+    require_stored,
+)
 from lstm_surgeon.formats.zip_writer import ZipWriter
 from lstm_surgeon.writing import BytePatch, Progress
 
-LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 files
 MAX_DEPTH = 200
 DEFAULT_PREFIX = "archive/"
 # The small records torch.save writes beside data.pkl and the storages (for a file made from scratch).
@@ -104,63 +110,41 @@ class TorchZipFormat:
     suffixes = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 
     def sniff(self, head: bytes) -> bool:
-        return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC)
+        """Every zip: the records tell a torch.save file from a TorchScript or PT2 archive, and
+        `read` hands those to their own format modules."""
+        return head.startswith(b"PK\x03\x04")
 
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
-        if bytes(buffer[: len(LEGACY_MAGIC)]) == LEGACY_MAGIC:
-            raise UnsupportedCheckpointError(
-                f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
-                '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) '
-                "and try again"
-            )
         with open(path, "rb") as file:
-            records = read_records(path, buffer, _reader(file))
+            records = read_records(path, buffer, pread_reader(file))
+        archive_format = _archive_format(records)
+        if archive_format is not None:
+            return archive_format.read_archive(path, buffer, records)
         state = _ZipState(records, _archive_prefix(path, records))
-        _check_byteorder(path, buffer, records, state.prefix)
-        pickle_record = require_stored(path, state.pickle_record())
-        if not pickle_record.check_crc(buffer):
-            raise CheckpointError(f"{path}: corrupt file (CRC-32 mismatch in {pickle_record.name})")
-        root = _unpickle(path, _record_bytes(buffer, pickle_record))
+        check_byteorder(path, buffer, records, state.prefix)
+        root = unpickle_record(path, buffer, state.pickle_record())
         tensors = {
-            name: _tensor_ref(path, name, slot.stub, state)
-            for name, slot in _tensor_slots(path, root).items()
+            name: tensor_ref(path, name, slot.stub, _storage(path, state, slot.stub))
+            for name, slot in tensor_slots(path, root).items()
         }
         return Checkpoint(
             path=path,
             format=self,
             tensors=tensors,
             files=(CheckpointFile(path, buffer),),
-            contents=_contents(root),
+            contents=contents_of(root),
             format_state=state,
         )
 
     def checksum_patches(
         self, checkpoint: Checkpoint, storages: dict[StorageRef, bytes]
     ) -> list[BytePatch]:
-        """The new CRC-32 of each patched record, everywhere the zip stores it (in its file)."""
-        records = _state(checkpoint).records
-        patches = []
-        for storage, data in storages.items():
-            crc = struct.pack("<I", zlib.crc32(data))
-            buffer = checkpoint.files[storage.file].buffer
-            for offset in records[storage.key].crc_offsets:
-                old = bytes(buffer[offset : offset + 4])
-                patches.append(BytePatch(offset, old, crc, storage.file))
-        return patches
+        return crc_patches(checkpoint, _state(checkpoint).records, storages)
 
     def checksum_problems(
         self, checkpoint: Checkpoint, progress: Progress | None
     ) -> tuple[int, list[str]]:
-        problems = []
-        records = _state(checkpoint).records
-        for record in records.values():
-            if not record.stored:
-                problems.append(f"zip record {record.name}: compressed, so not checked")
-            elif not record.check_crc(checkpoint.buffer):
-                problems.append(f"zip record {record.name}: CRC-32 mismatch (corrupt data)")
-            if progress is not None:
-                progress(record.size)
-        return len(records), problems
+        return crc_problems(checkpoint, _state(checkpoint).records, progress)
 
     def write(
         self,
@@ -192,29 +176,65 @@ def _state(checkpoint: Checkpoint) -> _ZipState:
     return state
 
 
-def _reader(file: BinaryIO) -> ReadAt:
+class ArchiveFormat(Protocol):
+    """A format of zip archives written by torch's zip writer (TorchScript, PT2): `claims` tells
+    its archives by their record names, `read_archive` reads one whose records are read."""
+
+    def claims(self, records: dict[str, ZipRecord]) -> bool: ...
+
+    def read_archive(
+        self, path: Path, buffer: mmap.mmap | bytes, records: dict[str, ZipRecord]
+    ) -> Checkpoint: ...
+
+
+def _archive_format(records: dict[str, ZipRecord]) -> ArchiveFormat | None:
+    """The format module of a zip that is not a torch.save file (None for a torch.save file)."""
+    from lstm_surgeon.formats import pt2, torchscript
+
+    formats: tuple[ArchiveFormat, ...] = (torchscript.FORMAT, pt2.FORMAT)
+    return next((fmt for fmt in formats if fmt.claims(records)), None)
+
+
+def _storage(path: Path, state: _ZipState, stub: TensorStub) -> StorageRef | None:
+    """The storage record a tensor of data.pkl views (None when the archive lacks it)."""
+    record = state.storage_record(stub.storage.key) if _well_formed(stub) else None
+    return None if record is None else storage_of(path, record)
+
+
+def storage_of(path: Path, record: ZipRecord) -> StorageRef:
+    """A stored record as the storage its tensors view."""
+    require_stored(path, record)
+    return StorageRef(record.name, record.data_offset, record.size)
+
+
+def unpickle_record(path: Path, buffer: mmap.mmap | bytes, record: ZipRecord) -> Any:
+    """The object tree of a pickle record, its CRC-32 checked first (a flipped bit in a pickle
+    could change a tensor's offset silently)."""
+    require_stored(path, record)
+    if not record.check_crc(buffer):
+        raise CheckpointError(f"{path}: corrupt file (CRC-32 mismatch in {record.name})")
+    return unpickle(path, record_bytes(buffer, record), record.name.rsplit("/", 1)[-1])
+
+
+def pread_reader(file: BinaryIO) -> ReadAt:
     """Read ranges of `file` with pread: the memory map stays untouched, so a large file read
     once is not counted whole in the process's memory."""
     return lambda offset, size: os.pread(file.fileno(), size, offset)
 
 
-def _record_bytes(buffer: mmap.mmap | bytes, record: ZipRecord) -> bytes:
+def record_bytes(buffer: mmap.mmap | bytes, record: ZipRecord) -> bytes:
     return bytes(buffer[record.data_offset : record.data_offset + record.size])
 
 
 def _archive_prefix(path: Path, records: dict[str, ZipRecord]) -> str:
     names = list(records)
     pickles = [name for name in names if name.endswith("data.pkl") and name.count("/") <= 1]
-    if any(name.endswith("constants.pkl") for name in names):
-        raise UnsupportedCheckpointError(
-            f"{path}: a TorchScript archive (torch.jit.save); lstm-surgeon reads torch.save files"
-        )
     if len(pickles) != 1:
         raise CheckpointError(unreadable_zip_message(path, names))
     return pickles[0][: -len("data.pkl")]
 
 
-def _check_byteorder(
+def check_byteorder(
     path: Path, buffer: mmap.mmap | bytes, records: dict[str, ZipRecord], prefix: str
 ) -> None:
     record = records.get(f"{prefix}byteorder")
@@ -226,7 +246,8 @@ def _check_byteorder(
         raise UnsupportedCheckpointError(f"{path}: big-endian checkpoints are not supported")
 
 
-def _unpickle(path: Path, data: bytes) -> Any:
+def unpickle(path: Path, data: bytes, what: str = "data.pkl") -> Any:
+    """The tree of a pickle read by the never-executing unpickler; any failure is a corrupt file."""
     try:
         return load_safely(data)
     except (
@@ -242,9 +263,7 @@ def _unpickle(path: Path, data: bytes) -> Any:
         UnicodeDecodeError,
         OverflowError,
     ) as error:
-        raise CheckpointError(
-            f"{path}: corrupt data.pkl ({type(error).__name__}: {error})"
-        ) from None
+        raise CheckpointError(f"{path}: corrupt {what} ({type(error).__name__}: {error})") from None
 
 
 def _walk(
@@ -274,19 +293,21 @@ def _walk(
             yield from _walk(value, (*location, key), node, visited, depth + 1)
 
 
-def _dotted(location: Location) -> str:
+def dotted(location: Location) -> str:
     return ".".join(str(key) for key in location)
 
 
-def _tensor_slots(path: Path, root: Any) -> dict[str, _Slot]:
-    """Every tensor of the tree by dotted name, with where it sits (the one naming, for reading
-    and for writing)."""
+def tensor_slots(
+    path: Path, root: Any, naming: Callable[[Location], str] = dotted
+) -> dict[str, _Slot]:
+    """Every tensor of the tree by name (`naming` of its location), with where it sits (the one
+    naming, for reading and for writing)."""
     slots: dict[str, _Slot] = {}
     try:
         for location, node, parent in _walk(root, (), None, set()):
             if not isinstance(node, TensorStub):
                 continue
-            name = _dotted(location)
+            name = naming(location)
             if name in slots:
                 raise CheckpointError(f"{path}: two tensors are both named {name!r} (ambiguous)")
             slots[name] = _Slot(location, parent, node)
@@ -295,7 +316,7 @@ def _tensor_slots(path: Path, root: Any) -> dict[str, _Slot]:
     return slots
 
 
-def _contents(root: Any) -> Contents:
+def contents_of(root: Any) -> Contents:
     """The top-level entries of the tree in neutral terms, optimizer state known by its shape."""
     if isinstance(root, dict):
         items = [(str(key), value) for key, value in root.items()]
@@ -325,31 +346,32 @@ def _entry_kind(value: Any) -> EntryKind:
     return "value"
 
 
-def _tensor_ref(path: Path, name: str, stub: TensorStub, state: _ZipState) -> TensorRef:
+def tensor_ref(path: Path, name: str, stub: TensorStub, storage: StorageRef | None) -> TensorRef:
+    """A pickled tensor as a view of the storage that holds its bytes, checked against it."""
     if not _well_formed(stub):
         raise CheckpointError(
             f"{path}: tensor {name!r} has a malformed size, stride, offset or dtype"
         )
-    record = state.storage_record(stub.storage.key)
-    if record is None:
+    if storage is None:
         raise CheckpointError(f"{path}: tensor {name!r} refers to a missing storage record")
-    require_stored(path, record)
-    contiguous = contiguous_strides(stub.shape) == stub.stride
-    ref = TensorRef(
-        name=name,
-        dtype=stub.dtype,
-        shape=stub.shape,
-        storage=StorageRef(record.name, record.data_offset, record.size),
-        element_offset=stub.storage_offset,
-        strides=None if contiguous else stub.stride,
+    return checked_ref(
+        path, TensorRef(name, stub.dtype, stub.shape, storage, stub.storage_offset, stub.stride)
     )
+
+
+def checked_ref(path: Path, ref: TensorRef) -> TensorRef:
+    """The tensor view, refused when it is negative or runs past its storage; contiguous strides
+    are dropped (None says contiguous)."""
+    if ref.strides is not None and contiguous_strides(ref.shape) == ref.strides:
+        ref = replace(ref, strides=None)
+    name = ref.name
     if (
         any(d < 0 for d in ref.shape)
         or any(s < 0 for s in ref.element_strides)
         or ref.element_offset < 0
     ):
         raise CheckpointError(f"{path}: tensor {name!r} has a negative size, stride or offset")
-    if ref.extent_elements() * ref.dtype.itemsize > record.size:
+    if ref.extent_elements() * ref.dtype.itemsize > ref.storage.nbytes:
         raise CheckpointError(
             f"{path}: tensor {name!r} runs past the end of its storage (truncated?)"
         )
@@ -402,13 +424,13 @@ class _EditedTree:
         if not isinstance(source.format_state, _ZipState):
             return cls(source.path, OrderedDict(), {}, None)
         state = source.format_state
-        root = _unpickle(source.path, _record_bytes(source.buffer, state.pickle_record()))
+        root = unpickle(source.path, record_bytes(source.buffer, state.pickle_record()))
         taken = [
             int(name.rsplit("/", 1)[1])
             for name in state.records
             if name.startswith(f"{state.prefix}data/") and name.rsplit("/", 1)[1].isdigit()
         ]
-        slots = _tensor_slots(source.path, root)
+        slots = tensor_slots(source.path, root)
         return cls(source.path, root, slots, state, next_key=max(taken, default=-1) + 1)
 
     def drop_entries(self, keys: frozenset[str]) -> None:
@@ -564,7 +586,7 @@ def _write_archive(
     """The records torch.save writes: data.pkl, the small ones, each storage, a serialization id."""
     prefix = tree.state.prefix if tree.state is not None else DEFAULT_PREFIX
     with open(source.path, "rb") as file:
-        read_at = _reader(file)
+        read_at = pread_reader(file)
         records: list[tuple[str, Iterable[bytes | memoryview]]] = [
             (f"{prefix}data.pkl", [data_pkl]),
             *_small_records(tree, prefix, source.buffer),
@@ -588,7 +610,7 @@ def _small_records(
         return [(prefix + name, [data]) for name, data in DEFAULT_RECORDS]
     replaced = (f"{prefix}data.pkl", f"{prefix}{SERIALIZATION_ID}")
     return [
-        (name, [_record_bytes(buffer, require_stored(tree.path, record))])
+        (name, [record_bytes(buffer, require_stored(tree.path, record))])
         for name, record in tree.state.records.items()
         if name not in replaced and not name.startswith(f"{prefix}data/")
     ]

@@ -13,8 +13,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lstm_surgeon.errors import CheckpointError
+from lstm_surgeon.writing import BytePatch
+
+if TYPE_CHECKING:
+    from lstm_surgeon.checkpoint import Checkpoint, StorageRef
+    from lstm_surgeon.writing import Progress
 
 LOCAL_HEADER = b"PK\x03\x04"
 CENTRAL_HEADER = b"PK\x01\x02"
@@ -24,6 +30,7 @@ ZIP64_LOCATOR = b"PK\x06\x07"
 DATA_DESCRIPTOR = b"PK\x07\x08"
 ZIP64_EXTRA_ID = 0x0001
 STORED = 0
+DEFLATED = 8
 FLAG_DATA_DESCRIPTOR = 0x08
 MAX_COMMENT = 0xFFFF
 
@@ -38,11 +45,74 @@ class ZipRecord:
     crc: int
     crc_offsets: tuple[int, ...]  # every file offset holding this record's CRC-32
     stored: bool = True  # False: compressed, so its bytes cannot be read or patched in place
-    compressed_size: int | None = None  # the bytes it takes in the file (None: `size`)
-    method: int = STORED  # the zip compression method (0 stored, 8 deflated)
+    method: int = STORED
+    compressed_size: int = -1  # the bytes it takes in the file (its size when stored)
+
+    @property
+    def checkable(self) -> bool:
+        """Stored or deflated: the compression methods whose CRC-32 can be checked."""
+        return self.stored or self.method == DEFLATED
 
     def check_crc(self, buffer: mmap.mmap | bytes) -> bool:
-        return crc32_of(buffer, self.data_offset, self.size) == self.crc
+        if self.stored:
+            return crc32_of(buffer, self.data_offset, self.size) == self.crc
+        return inflated_crc32(buffer, self) == (self.crc, self.size)
+
+
+def inflated_crc32(
+    buffer: mmap.mmap | bytes, record: ZipRecord, chunk: int = 1 << 20
+) -> tuple[int, int] | None:
+    """CRC-32 and length of a deflated record's inflated bytes, inflated in bounded chunks (a
+    record that claims a small size and inflates to gigabytes is stopped past its size), or None
+    when the data is not a valid deflate stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    crc, produced = 0, 0
+    view = memoryview(buffer)[record.data_offset : record.data_offset + record.compressed_size]
+    try:
+        pending = view
+        while pending and produced <= record.size:
+            out = inflater.decompress(pending, chunk)
+            crc, produced = zlib.crc32(out, crc), produced + len(out)
+            pending = inflater.unconsumed_tail
+        if produced <= record.size:
+            out = inflater.flush()
+            crc, produced = zlib.crc32(out, crc), produced + len(out)
+    except zlib.error:
+        return None
+    finally:
+        view.release()
+    return crc, produced
+
+
+def crc_patches(
+    checkpoint: Checkpoint, records: dict[str, ZipRecord], storages: dict[StorageRef, bytes]
+) -> list[BytePatch]:
+    """The new CRC-32 of each patched record (a storage's key is its record's name), everywhere
+    the zip stores it, in the storage's file."""
+    patches = []
+    for storage, data in storages.items():
+        crc = struct.pack("<I", zlib.crc32(data))
+        buffer = checkpoint.files[storage.file].buffer
+        for offset in records[storage.key].crc_offsets:
+            old = bytes(buffer[offset : offset + 4])
+            patches.append(BytePatch(offset, old, crc, storage.file))
+    return patches
+
+
+def crc_problems(
+    checkpoint: Checkpoint, records: dict[str, ZipRecord], progress: Progress | None
+) -> tuple[int, list[str]]:
+    """How many records the archive has, and each whose CRC-32 does not match its bytes (stored
+    and deflated records are checked; other compression methods are named as unchecked)."""
+    problems = []
+    for record in records.values():
+        if not record.checkable:
+            problems.append(f"zip record {record.name}: compressed, so not checked")
+        elif not record.check_crc(checkpoint.buffer):
+            problems.append(f"zip record {record.name}: CRC-32 mismatch (corrupt data)")
+        if progress is not None:
+            progress(record.size)
+    return len(records), problems
 
 
 def crc32_of(buffer: mmap.mmap | bytes, offset: int, size: int, chunk: int = 1 << 24) -> int:
@@ -150,7 +220,7 @@ def _read_central_entry(
         crc_offsets.append(_descriptor_crc_offset(path, read_at, data_offset + compressed))
     else:
         crc_offsets.append(local_crc_offset)
-    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored, compressed, method)
+    record = ZipRecord(name, data_offset, size, crc, tuple(crc_offsets), stored, method, compressed)
     return record, position + 46 + name_len + extra_len + comment_len
 
 
