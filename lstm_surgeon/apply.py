@@ -248,7 +248,8 @@ def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePat
             edit.write_into(tensor_view(new, replace(ref, storage=replace(storage, offset=0))))
         changed = _changed_span(storage, old, bytes(new))
         if changed:
-            patches += changed
+            if not checkpoint.files[storage.file].gathered:  # the format patches its chunks
+                patches += changed
             new_storages[storage] = bytes(new)
     return patches + checkpoint.format.checksum_patches(checkpoint, new_storages)
 

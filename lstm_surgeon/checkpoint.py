@@ -156,11 +156,14 @@ class CheckpointFile:
     """One file of a checkpoint and a read-only map of its bytes.
 
     `pending_rollback` is True when an in-place edit of the file was interrupted and the map shows
-    the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk."""
+    the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk.
+    `gathered` marks no file but a read-only copy of a tensor whose chunks lie in several files
+    (a DCP tensor split across ranks): edits never write it, the format patches the chunks."""
 
     path: Path
     buffer: Buffer
     pending_rollback: bool = False
+    gathered: bool = False
 
     @property
     def size(self) -> int:
@@ -199,7 +202,7 @@ class Checkpoint:
     @property
     def size(self) -> int:
         """The bytes of every file together."""
-        return sum(file.size for file in self.files)
+        return sum(file.size for file in self.files if not file.gathered)
 
     @property
     def buffer(self) -> Buffer:

@@ -92,9 +92,9 @@ class FolderFormat(Protocol):
 
 
 def _folder_formats() -> tuple[FolderFormat, ...]:
-    from lstm_surgeon.formats import sharded
+    from lstm_surgeon.formats import dcp, sharded
 
-    return (sharded.FOLDER,)
+    return (dcp.FOLDER, sharded.FOLDER)
 
 
 def folder_format(path: str | os.PathLike[str]) -> FolderFormat | None:
