@@ -76,7 +76,11 @@ _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
 # Options shared by several commands, defined once.
 CheckpointArg = Annotated[
-    Path, typer.Argument(metavar="CHECKPOINT", help="A .pt (torch.save) or .safetensors file.")
+    Path,
+    typer.Argument(
+        metavar="CHECKPOINT",
+        help="A .pt (torch.save) or .safetensors file, or a folder: sharded (index.json) or DCP.",
+    ),
 ]
 LayerOpt = Annotated[
     list[str] | None,

@@ -159,7 +159,7 @@ def folder(request: pytest.FixtureRequest) -> Path:
 
 def test_every_tensor_reads_as_dcp_loads_it(folder):
     expected = load_oracle(folder)
-    for given in (folder, folder / ".metadata"):
+    for given in (folder, folder / ".metadata", folder / "__0_0.distcp"):
         with open_checkpoint(given) as checkpoint:
             assert checkpoint.path == folder
             assert set(checkpoint.tensors) == set(expected)
@@ -328,3 +328,17 @@ def test_a_metadata_that_would_run_code_runs_nothing(single, tmp_path, run_cli):
         assert result.exit_code == 2, (command, result.stdout)
         assert "not a readable DCP .metadata" in result.stderr or "expected a" in result.stderr
     assert not canary.exists()
+
+
+def test_items_in_another_serialisation_are_refused_clearly(tmp_path, run_cli):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    folder = tmp_path / "safetensors-items"
+    writer = FileSystemWriter(str(folder), serialization_format=SerializationFormat.SAFETENSORS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model_state()}, storage_writer=writer)
+    for command in ("inspect", "check"):
+        result = run_cli(command, folder)
+        assert result.exit_code == 2
+        assert "not a torch.save archive" in result.stderr

@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import clean_environment
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lstm_surgeon.apply import Destination, edit_checkpoint
+from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import CheckpointError, OutputError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.surgery import plan_set_forget_bias
@@ -106,8 +109,8 @@ def folder(tmp_path: Path, kind: str) -> Path:
 def test_the_folder_reads_as_one_checkpoint_named_as_the_index(folder, kind):
     index = json.loads((folder / KINDS[kind][0]).read_text())
     expected = state_dict()
-    for given in (folder, folder / KINDS[kind][0]):
-        with open_checkpoint(given) as checkpoint:
+    for path in (folder, folder / KINDS[kind][0]):
+        with open_checkpoint(path) as checkpoint:
             assert checkpoint.path == folder
             assert set(checkpoint.tensors) == set(index["weight_map"])
             for name, ref in checkpoint.tensors.items():
@@ -342,3 +345,35 @@ def test_a_sound_folder_checks_sound(folder, run_cli):
     result = run_cli("check", folder, "--json")
     assert result.exit_code == 0, result.stdout
     assert json.loads(result.stdout)["tensors_scanned"] == 12
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_split_reads_as_the_state_dict_and_finds_the_same_layers(tmp_path_factory, data):
+    """Property: however the tensors are spread over shards, the folder reads as the state dict
+    (safetensors' own loader is the oracle for each shard) and discovery finds the same layers."""
+    tensors = state_dict()
+    count = data.draw(st.integers(1, 5), label="shards")
+    assignment = data.draw(
+        st.lists(st.integers(0, count - 1), min_size=len(tensors), max_size=len(tensors))
+    )
+    folder = tmp_path_factory.mktemp("split")
+    weight_map = {}
+    for number in sorted(set(assignment)):
+        group = [n for n, shard in zip(tensors, assignment, strict=True) if shard == number]
+        name = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(folder / name))
+        weight_map.update(dict.fromkeys(group, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    oracle = {}
+    for name in set(weight_map.values()):
+        oracle.update(load_file(str(folder / name)))
+    with open_checkpoint(folder) as checkpoint:
+        for name, tensor in oracle.items():
+            np.testing.assert_array_equal(checkpoint.raw(name), tensor.numpy())
+        layers = {
+            (layer.name, layer.kind, layer.num_layers) for layer in discover(checkpoint).layers
+        }
+    assert layers == {("lstm", "LSTM", 2), ("gru", "GRU", 1)}

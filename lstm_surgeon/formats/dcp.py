@@ -52,6 +52,8 @@ from lstm_surgeon.formats.zip_records import (
 from lstm_surgeon.writing import BytePatch, Progress
 
 METADATA_NAME = ".metadata"
+DATA_SUFFIX = ".distcp"
+ZIP_MAGIC = b"PK\x03\x04"
 MAX_METADATA_BYTES = 1 << 30
 
 
@@ -239,13 +241,20 @@ class _Item:
     record: ZipRecord  # offsets made absolute in the .distcp file
 
 
-def _read_item(path: Path, file: int, buffer: mmap.mmap | bytes, name: str, chunk: Chunk) -> _Item:
+def _read_item(files: tuple[CheckpointFile, ...], file: int, name: str, chunk: Chunk) -> _Item:
+    """Read the chunk's archive in `files[file]` (reusing the torch.save reader's checks)."""
     from lstm_surgeon.formats.torch_zip import _tensor_ref, _unpickle, _ZipState
 
+    path, buffer = files[file].path, files[file].buffer
     where = f"{path} (chunk of {name!r} at offset {chunk.offset})"
     if chunk.offset + chunk.length > len(buffer):
         raise CheckpointError(f"{where}: runs past the end of the file (truncated?)")
     window = _Window(buffer, chunk.offset, chunk.length)
+    if window[:4] != ZIP_MAGIC:
+        raise UnsupportedCheckpointError(
+            f"{where}: not a torch.save archive (saved in another serialisation format, such as "
+            "DCP's safetensors option); lstm-surgeon reads DCP's default torch.save items"
+        )
     records = read_records(Path(where), window, lambda offset, size: window[offset : offset + size])
     pickles = [key for key in records if key.endswith("data.pkl") and key.count("/") <= 1]
     if len(pickles) != 1:
@@ -397,7 +406,12 @@ class DcpFolder:
     name = "dcp"
 
     def claims(self, path: Path) -> bool:
-        return path.name == METADATA_NAME or (path.is_dir() and (path / METADATA_NAME).is_file())
+        """The folder, its `.metadata`, or one of its `.distcp` files (which means nothing alone:
+        it is read as part of its folder)."""
+        if path.name == METADATA_NAME:
+            return True
+        folder = path if path.is_dir() else path.parent
+        return (path.is_dir() or path.suffix == DATA_SUFFIX) and (folder / METADATA_NAME).is_file()
 
     def data_files(self, path: Path) -> list[Path]:
         folder = _folder(path)
@@ -426,6 +440,8 @@ class DcpFolder:
 
     def structure_problems(self, path: Path) -> list[str]:
         """Each missing or truncated `.distcp` file and each unreadable item, by name."""
+        from lstm_surgeon.formats import map_files
+
         folder = _folder(path)
         metadata = read_metadata(folder)
         problems = [
@@ -435,10 +451,20 @@ class DcpFolder:
         ]
         if problems:
             return problems
+        files = map_files([folder / name for name in metadata.files], ignore_journal=True)
+        index = {file.path.name: number for number, file in enumerate(files)}
         try:
-            self.open(path, ignore_journal=True).close()
-        except CheckpointError as error:
-            problems.append(str(error))
+            for name, entry in metadata.tensors.items():
+                for chunk in entry.chunks:
+                    try:
+                        _read_item(files, index[chunk.file], name, chunk)
+                    except UnsupportedCheckpointError:
+                        raise  # not damage: a kind of item lstm-surgeon does not read
+                    except CheckpointError as error:
+                        problems.append(str(error))
+        finally:
+            for file in files:
+                close_buffer(file.buffer)
         return problems
 
 
@@ -451,17 +477,7 @@ def _checkpoint(
     gathered_files: list[CheckpointFile] = []
     for name, entry in metadata.tensors.items():
         items = [
-            (
-                chunk,
-                _read_item(
-                    files[index[chunk.file]].path,
-                    index[chunk.file],
-                    files[index[chunk.file]].buffer,
-                    name,
-                    chunk,
-                ),
-            )
-            for chunk in entry.chunks
+            (chunk, _read_item(files, index[chunk.file], name, chunk)) for chunk in entry.chunks
         ]
         for _, item in items:
             state.records[item.ref.storage.identity] = item.record

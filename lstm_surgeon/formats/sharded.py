@@ -255,7 +255,7 @@ def single_weights_file(folder: Path) -> Path:
         return candidates[0]
     if not candidates:
         raise CheckpointError(
-            f"{folder}: a folder with no checkpoint lstm-surgeon reads (no {INDEX_NAMES[0]}, "
+            f"{folder}: a directory with no checkpoint lstm-surgeon reads (no {INDEX_NAMES[0]}, "
             "no weights file, no DCP .metadata)"
         )
     raise CheckpointError(
