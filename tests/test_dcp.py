@@ -342,3 +342,14 @@ def test_items_in_another_serialisation_are_refused_clearly(tmp_path, run_cli):
         result = run_cli(command, folder)
         assert result.exit_code == 2
         assert "not a torch.save archive" in result.stderr
+
+
+def test_convert_writes_the_folder_as_one_state_dict(folder, tmp_path, run_cli):
+    out = tmp_path / "model.pt"
+    result = run_cli("convert", folder, "-o", out, "--all")
+    assert result.exit_code == 0, result.stderr
+    loaded = torch.load(out, weights_only=True)
+    expected = load_oracle(folder)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)

@@ -149,6 +149,18 @@ def test_diff_of_the_folder_against_one_file(folder, tmp_path, run_cli):
     assert json.loads(result.stdout)["identical"]
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_convert_writes_the_folder_as_one_file(folder, tmp_path, suffix, run_cli):
+    out = tmp_path / f"model{suffix}"
+    result = run_cli("convert", folder, "-o", out, "--all")
+    assert result.exit_code == 0, result.stderr
+    loaded = load_shard(out) if suffix == ".safetensors" else torch.load(out, weights_only=True)
+    expected = state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+
+
 def test_a_folder_that_is_no_checkpoint_is_a_clear_error(tmp_path, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
