@@ -317,6 +317,15 @@ def in_two_shards(folder: Path, kind: str) -> str:
     return "'gru.bias_hh_l0' is in 2 shards"
 
 
+def listed_twice(folder: Path, kind: str) -> str:
+    """A weight_map naming one tensor twice (JSON readers keep the last silently)."""
+    index_path = folder / KINDS[kind][0]
+    text = index_path.read_text()
+    entry = f'"gru.bias_hh_l0": "{shard_name(kind, 3)}"'
+    index_path.write_text(text.replace(entry, f"{entry}, {entry}", 1))
+    return "repeats the key 'gru.bias_hh_l0'"
+
+
 def missing_shard(folder: Path, kind: str) -> str:
     (folder / shard_name(kind, 2)).unlink()
     return f"{shard_name(kind, 2)}: missing"
@@ -329,7 +338,8 @@ def truncated_shard(folder: Path, kind: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "damage", [unlisted, listed_but_missing, in_two_shards, missing_shard, truncated_shard]
+    "damage",
+    [unlisted, listed_but_missing, listed_twice, in_two_shards, missing_shard, truncated_shard],
 )
 def test_check_reports_a_mismatch_and_other_commands_refuse(folder, kind, damage, run_cli):
     named = damage(folder, kind)

@@ -225,7 +225,7 @@ class ShardedFolder:
             single_weights_file(path)  # a folder that is no checkpoint stays an error
             return []
         index = read_index(index_path)
-        problems = [f"{index.path.name}: lists {name!r} twice" for name in index.repeated]
+        problems = [f"{index.path.name}: repeats the key {name!r}" for name in index.repeated]
         held: dict[str, list[str]] = {}  # tensor -> shards holding it
         readable = set()
         for name in index.shard_names:
@@ -289,7 +289,7 @@ def _as_indexed(checkpoint: Checkpoint, index: ShardIndex) -> Checkpoint:
         )
     if index.repeated:
         raise CheckpointError(
-            f"{index.folder}: {index.path.name} lists {index.repeated[0]!r} twice; "
+            f"{index.folder}: {index.path.name} repeats the key {index.repeated[0]!r}; "
             + CHECK_HINT.format(path=index.folder)
         )
     checkpoint.path = index.folder
