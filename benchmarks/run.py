@@ -150,6 +150,70 @@ def generate(stem: str, size_mb: int) -> None:
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+SHARDS = 10
+
+
+def sharded_paths(size_mb: int) -> tuple[Path, Path]:
+    """The big checkpoint with its embedding split in SHARDS row blocks: as one file, and as a
+    Hugging Face sharded folder (SHARDS shards and an index) holding the very same tensors."""
+    stem = f"{big_stem(size_mb)}-split"
+    return DATA / f"{stem}.safetensors", DATA / f"{big_stem(size_mb)}-sharded"
+
+
+def generate_sharded(size_mb: int) -> None:
+    """Split the big .safetensors into the pair of `sharded_paths` (in this process: reads one
+    block at a time). Shard k holds embedding block k and every SHARDS-th of the other tensors,
+    so the recurrent layers span shards (a layer's biases sit in another shard than its weights),
+    as in real releases."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    single, folder = sharded_paths(size_mb)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    groups: list[dict[str, Any]] = [{} for _ in range(SHARDS)]
+    with safe_open(str(DATA / f"{big_stem(size_mb)}.safetensors"), framework="numpy") as source:
+        names = list(source.keys())
+        rows = source.get_slice("embedding.weight").get_shape()[0]
+        step = -(-rows // SHARDS)
+        for k in range(SHARDS):
+            block = source.get_slice("embedding.weight")[k * step : min((k + 1) * step, rows)]
+            groups[k][f"embedding.{k}.weight"] = block
+        others = [name for name in names if name != "embedding.weight"]
+        for position, name in enumerate(others):
+            groups[position % SHARDS][name] = source.get_tensor(name)
+    weight_map = {}
+    for k, group in enumerate(groups, start=1):
+        shard = f"model-{k:05d}-of-{SHARDS:05d}.safetensors"
+        save_file(group, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, shard))
+    total = sum(array.nbytes for group in groups for array in group.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_file({name: array for group in groups for name, array in group.items()}, str(single))
+
+
+def ensure_sharded(size_mb: int, regenerate: bool) -> None:
+    single, folder = sharded_paths(size_mb)
+    manifest = _load_manifest()
+    entry = manifest.get(folder.name)
+    source = DATA / f"{big_stem(size_mb)}.safetensors"
+    current = (
+        entry is not None
+        and entry.get("source_bytes") == source.stat().st_size
+        and single.is_file()
+        and (folder / "model.safetensors.index.json").is_file()
+    )
+    if current and not regenerate:
+        print(f"reusing {single.name} / {folder.name}/", flush=True)
+        return
+    print(f"splitting {source.name} into {folder.name}/ ({SHARDS} shards) ...", flush=True)
+    subprocess.run([PYTHON, __file__, "--generate-sharded", "--size-mb", str(size_mb)], check=True)
+    manifest = _load_manifest()
+    manifest[folder.name] = {"source_bytes": source.stat().st_size, "shards": SHARDS}
+    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def ensure_data(size_mb: int, regenerate: bool) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     for stem, stem_size in ((small_stem(), SMALL_MB), (big_stem(size_mb), size_mb)):
@@ -361,6 +425,22 @@ def goals(big: str = "1 GB") -> list[Goal]:
     found.append(
         Goal(f"peak RSS of `set-forget-bias -o` {big} .safetensors", "sfb-o-st", None, 150, "rss")
     )
+    found.append(
+        Goal(
+            f"`inspect` {big} in {SHARDS} shards / the same as one file",
+            "inspect-sharded",
+            "inspect-split",
+            1.3,
+        )
+    )
+    found.append(
+        Goal(
+            f"`set-forget-bias --in-place` {big} in {SHARDS} shards / 1 MB (one .safetensors)",
+            "sfb-ip-sharded",
+            "sfb-ip-small-st-vs-sharded",
+            1.3,
+        )
+    )
     found.append(Goal("`lstm-surgeon --help` / `python -c pass`", "help", "python-pass", 3))
     return found
 
@@ -493,6 +573,10 @@ def benchmark(args: argparse.Namespace) -> int:
         os.sync()
         measure_group("set-forget-bias --in-place: 1 GB vs 1 MB", group, copies, args.repeat)
 
+        # 3b. Sharded: inspect 10 shards vs the same tensors in one file; an in-place edit of the
+        # 10 shards vs one of the 1 MB file (measured again, side by side).
+        measure_sharded(args, add, fixed, commands["sfb-ip-small-st"])
+
         # 4. Start-up: --help vs an empty interpreter.
         group = [
             add(Command("help", "lstm-surgeon --help", fixed(SURGEON, "--help"))),
@@ -521,7 +605,54 @@ def benchmark(args: argparse.Namespace) -> int:
         unlink(*work)()
         if not args.keep:
             unlink(*(DATA / f"{big}{suffix}" for suffix in (".pt", ".safetensors")))()
+            single, folder = sharded_paths(args.size_mb)
+            unlink(single)()
+            shutil.rmtree(folder, ignore_errors=True)
     return report(args, commands, sizes, load_before, time.perf_counter() - started)
+
+
+def measure_sharded(
+    args: argparse.Namespace,
+    add: Callable[[Command], Command],
+    fixed: Callable[..., Callable[[int], list[str]]],
+    small_edit: Command,
+) -> None:
+    """Inspect and edit the sharded folder beside their one-file and 1 MB counterparts. The folder
+    is edited where it lies (values alternate; it stays a valid checkpoint for the next run)."""
+    ensure_sharded(args.size_mb, args.regenerate)
+    single, folder = sharded_paths(args.size_mb)
+    inputs = [single, *sorted(folder.iterdir())]
+    group = [
+        add(Command("inspect-split", f"inspect {single.name}", fixed(SURGEON, "inspect", single))),
+        add(
+            Command(
+                "inspect-sharded",
+                f"inspect {folder.name}/ ({SHARDS} shards)",
+                fixed(SURGEON, "inspect", folder),
+            )
+        ),
+    ]
+    measure_group(f"inspect: {SHARDS} shards vs one file", group, inputs, args.repeat)
+
+    def argv(run: int) -> list[str]:
+        value = "1.0" if run % 2 == 0 else "1.5"
+        return [SURGEON, "set-forget-bias", str(folder), "--in-place", "--yes", "--value", value]
+
+    edit = add(Command("sfb-ip-sharded", f"set-forget-bias {folder.name}/ --in-place", argv))
+    sanity_check_edit(edit.argv(edit.runs))
+    edit.runs += 1
+    small = add(  # the 1 MB edit again, measured side by side with this one
+        Command(
+            "sfb-ip-small-st-vs-sharded",
+            small_edit.label,
+            small_edit.argv,
+            runs=small_edit.runs,  # continues its alternation, so every run really patches
+        )
+    )
+    os.sync()
+    measure_group(
+        f"set-forget-bias --in-place: {SHARDS} shards vs 1 MB", [edit, small], inputs, args.repeat
+    )
 
 
 def report(
@@ -617,9 +748,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal fails")
     parser.add_argument("--generate-only", metavar="STEM", help=argparse.SUPPRESS)
+    parser.add_argument("--generate-sharded", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate_only:
         generate(args.generate_only, args.size_mb)
+        return 0
+    if args.generate_sharded:
+        generate_sharded(args.size_mb)
         return 0
     return benchmark(args)
 

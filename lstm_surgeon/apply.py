@@ -24,6 +24,7 @@ from lstm_surgeon.dtypes import BY_NAME
 from lstm_surgeon.errors import EditError, OutputError
 from lstm_surgeon.formats import (
     CheckpointFormat,
+    checkpoint_files,
     format_for_suffix,
     open_checkpoint_files,
     require_regular_file,
@@ -95,10 +96,13 @@ def source_paths(source: Source) -> list[Path]:
 
 
 def recover_checkpoint(path: Path) -> bool:
-    """Roll back an interrupted in-place edit of `path` (every file it touched); True if there was
-    one. The editing commands do this first anyway; this is the call for doing only that."""
-    require_regular_file(path)
-    return recover_interrupted_edit(path)
+    """Roll back an interrupted in-place edit of `path` (every file it touched; every file of a
+    sharded or DCP folder); True if there was one. The editing commands do this first anyway;
+    this is the call for doing only that."""
+    files = checkpoint_files([path])
+    for file in files:
+        require_regular_file(file)
+    return any([recover_interrupted_edit(file) for file in files])
 
 
 def edit_checkpoint(
@@ -119,7 +123,7 @@ def edit_checkpoint(
     if destination is None:
         with open_checkpoint_files(paths) as checkpoint:
             return planner(checkpoint), None
-    for each in paths:
+    for each in checkpoint_files(paths):
         recover_interrupted_edit(each)
     with open_checkpoint_files(paths) as checkpoint:
         plan = planner(checkpoint)
@@ -138,8 +142,9 @@ def open_locked(source: Source) -> Iterator[Checkpoint]:
     """Open a checkpoint to edit in place: every file locked (in one fixed order) from reading to
     writing, an interrupted edit rolled back first. `apply_plan` with `in_place` needs this."""
     paths = source_paths(source)
-    with exclusive_locks(paths) as held:
-        for path in paths:
+    files = checkpoint_files(paths)  # a folder's data files, not the folder
+    with exclusive_locks(files) as held:
+        for path in files:
             roll_back(path, held)
         with open_checkpoint_files(paths) as checkpoint:
             yield checkpoint
@@ -162,14 +167,15 @@ def _fingerprint(plan: EditPlan) -> tuple[str, tuple[bytes, ...]]:
 
 
 def refuse_unsupported(checkpoint: Checkpoint, plan: EditPlan, destination: Destination) -> None:
-    """What a checkpoint of several files cannot do yet, said before anything is asked or written."""
-    count = len(checkpoint.disk_files)
-    if count == 1:
+    """What a checkpoint of several files (or a folder) cannot do yet, said before anything is
+    asked or written."""
+    disk = checkpoint.disk_files
+    if len(disk) == 1 and checkpoint.path == disk[0].path:
         return
     if not destination.in_place:
         raise OutputError(
-            f"{checkpoint.path}: -o writes one file, and this checkpoint is {count} "
-            "files; edit it with --in-place"
+            f"{checkpoint.path}: -o writes one file, and this checkpoint is {len(disk)} "
+            "file(s) of a folder; edit it with --in-place (or copy the folder first)"
         )
     if destination.backup:
         raise OutputError(
@@ -257,7 +263,8 @@ def byte_patches(checkpoint: Checkpoint, edits: list[SliceEdit]) -> list[BytePat
             edit.write_into(tensor_view(new, replace(ref, storage=replace(storage, offset=0))))
         changed = _changed_span(storage, old, bytes(new))
         if changed:
-            patches += changed
+            if not checkpoint.files[storage.file].gathered:  # the format patches its chunks
+                patches += changed
             new_storages[storage] = bytes(new)
     return patches + checkpoint.format.checksum_patches(checkpoint, new_storages)
 

@@ -15,7 +15,7 @@ import numpy as np
 from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import CheckpointError
-from lstm_surgeon.formats import open_checkpoint
+from lstm_surgeon.formats import folder_format, open_checkpoint
 from lstm_surgeon.renames import RenameRule, renamed
 from lstm_surgeon.writing import RECOVER_HINT, Progress, StaleJournalError
 
@@ -51,7 +51,12 @@ def check_checkpoint(
     Checking only reads. A file whose in-place edit was interrupted is a problem (other programs
     read the bytes on disk, which may be half edited); the rest of the report describes the
     checkpoint the rollback restores, or, when the journal no longer fits, the bytes on disk."""
-    if not path.is_file():
+    folder = folder_format(path)
+    if folder is not None:
+        structure = folder.structure_problems(path)
+        if structure:  # the files disagree, so they cannot be opened as one checkpoint
+            return CheckReport(str(path), folder.name, structure)
+    elif not path.is_file():
         open_checkpoint(path)  # raises the same clear error every command gives
     problems = []
     try:

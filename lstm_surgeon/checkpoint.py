@@ -158,12 +158,15 @@ class CheckpointFile:
     `pending_rollback` is True when an in-place edit of the file was interrupted and the map shows
     the bytes the rollback will restore (a private copy-on-write overlay), not the bytes on disk.
     `in_memory` is True for bytes that lie in no file on disk (a compressed member of an archive,
-    inflated): they are read like a file's, but an edit of them rewrites the archive."""
+    inflated): they are read like a file's, but an edit of them rewrites the archive.
+    `gathered` marks no file but a read-only copy of a tensor whose chunks lie in several files
+    (a DCP tensor split across ranks): edits never write it, the format patches the chunks."""
 
     path: Path
     buffer: Buffer
     pending_rollback: bool = False
     in_memory: bool = False
+    gathered: bool = False
 
     @property
     def size(self) -> int:
@@ -206,8 +209,8 @@ class Checkpoint:
 
     @property
     def disk_files(self) -> tuple[CheckpointFile, ...]:
-        """The files on disk (not the inflated copies of compressed members)."""
-        return tuple(file for file in self.files if not file.in_memory)
+        """The files on disk (not inflated members, not gathered copies of split tensors)."""
+        return tuple(file for file in self.files if not (file.in_memory or file.gathered))
 
     @property
     def buffer(self) -> Buffer:

@@ -79,7 +79,8 @@ CheckpointArg = Annotated[
     Path,
     typer.Argument(
         metavar="CHECKPOINT",
-        help="A .pt (torch.save), .safetensors or numpy (.npy, .npz, pickled arrays) file.",
+        help="A checkpoint file (.pt, .safetensors, TorchScript, ONNX, numpy, ...) or a folder: "
+        "sharded (index.json) or DCP.",
     ),
 ]
 LayerOpt = Annotated[

@@ -167,7 +167,7 @@ def test_a_file_given_twice_or_a_name_in_both_files_is_refused(split, tmp_path):
 
 
 def test_only_files_that_stand_alone_are_joined(split, fixtures_dir):
-    with pytest.raises(CheckpointError, match="only safetensors files"):
+    with pytest.raises(CheckpointError, match="must be of one format"):
         open_checkpoint_files([split.paths[0], fixtures_dir / "ddp.pt"])
 
 

@@ -13,7 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from lstm_surgeon.checkpoint import Buffer, Checkpoint, Contents, Entry, TensorRef, close_buffer
+from lstm_surgeon.checkpoint import (
+    Buffer,
+    Checkpoint,
+    CheckpointFile,
+    Contents,
+    Entry,
+    TensorRef,
+    close_buffer,
+)
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.formats.identify import unreadable_message
 
@@ -82,6 +90,50 @@ def _formats() -> tuple[CheckpointFormat, ...]:
     )
 
 
+class FolderFormat(Protocol):
+    """A checkpoint that is a folder of files described by one of them (an index, a `.metadata`):
+    the verbs `open_checkpoint`, the editing commands and `check` need beyond `CheckpointFormat`."""
+
+    name: str
+
+    def claims(self, path: Path) -> bool:
+        """True when `path` (a folder, or the file that describes one) is of this kind."""
+
+    def data_files(self, path: Path) -> list[Path]:
+        """The files that hold tensor bytes (what an in-place edit locks, journals and patches)."""
+
+    def open(self, path: Path, *, ignore_journal: bool = False) -> Checkpoint:
+        """The whole folder as one checkpoint; any disagreement between its files is an error."""
+
+    def structure_problems(self, path: Path) -> list[str]:
+        """Every disagreement between the folder's files (missing, truncated, mismatched), each
+        naming the file and tensor; [] when the folder opens as one checkpoint."""
+
+
+def _folder_formats() -> tuple[FolderFormat, ...]:
+    from lstm_surgeon.formats import dcp, sharded
+
+    return (dcp.FOLDER, sharded.FOLDER)
+
+
+def folder_format(path: str | os.PathLike[str]) -> FolderFormat | None:
+    """The folder kind `path` names (a folder, an index file, a `.metadata`), or None for a file
+    that is a checkpoint by itself."""
+    for fmt in _folder_formats():
+        if fmt.claims(Path(path)):
+            return fmt
+    return None
+
+
+def checkpoint_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The files that hold the tensor bytes of the checkpoint these paths name."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        folder = folder_format(path)
+        found += [path] if folder is None else folder.data_files(path)
+    return found
+
+
 def format_for_suffix(path: Path) -> CheckpointFormat | None:
     """The format an output path's suffix asks for (None when the suffix says nothing)."""
     for fmt in _formats():
@@ -112,6 +164,8 @@ def open_checkpoint_files(
     paths = [Path(path) for path in paths]
     if not paths:
         raise CheckpointError("no checkpoint file given")
+    if len(paths) == 1 and (folder := folder_format(paths[0])) is not None:
+        return folder.open(paths[0], ignore_journal=ignore_journal)
     entries = () if ignore_journal else _journal_entries(paths)
     parts: list[Checkpoint] = []
     try:
@@ -128,8 +182,10 @@ def join_checkpoints(parts: Sequence[Checkpoint]) -> Checkpoint:
     """One checkpoint made of single-file checkpoints of one format: each tensor keeps its bytes
     in its own file (its `StorageRef.file` becomes that file's index), names stay unique.
 
-    Only files that stand alone can be joined for now (safetensors: each shard is a complete file
-    of named tensors; a torch zip's object tree describes one file only)."""
+    Its format is a `JoinedFormat` over the parts' own: checksums are kept by each part's format
+    (a torch.save shard's CRC-32s), so safetensors and torch.save shards join alike."""
+    from lstm_surgeon.formats.sharded import JoinedFormat
+
     first = parts[0]
     _require_distinct(parts)
     tensors: dict[str, TensorRef] = {}
@@ -141,20 +197,28 @@ def join_checkpoints(parts: Sequence[Checkpoint]) -> Checkpoint:
             tensors[name] = replace(ref, storage=replace(ref.storage, file=index))
     return Checkpoint(
         path=first.path,
-        format=first.format,
+        format=JoinedFormat(first.format),
         tensors=tensors,
         files=tuple(file for part in parts for file in part.files),
         contents=Contents(
             entries=tuple(Entry(name, "tensor") for name in tensors), metadata=first.metadata
         ),
+        format_state=tuple(parts),
         warnings=[warning for part in parts for warning in part.warnings],
     )
 
 
 def _require_joinable(first: Checkpoint, part: Checkpoint) -> None:
-    if part.format is not first.format or part.format_state is not None:
+    if part.format is not first.format:
         raise CheckpointError(
-            f"{part.path}: only safetensors files can form one checkpoint of several files for now"
+            f"{part.path}: is a {part.format.name} file and {first.path} a {first.format.name} "
+            "file; the files of one checkpoint must be of one format"
+        )
+    others = [entry.key for entry in part.contents.entries if entry.kind != "tensor"]
+    if others:
+        raise CheckpointError(
+            f"{part.path}: holds {others[0]!r} besides tensors; only plain state dicts (as "
+            "shards are) form one checkpoint of several files"
         )
 
 
@@ -177,6 +241,26 @@ def _journal_entries(paths: list[Path]) -> tuple[JournalEntry, ...]:
     return tuple(entry for path in paths for entry in read_journal(path) or ())
 
 
+def map_files(paths: Sequence[Path], *, ignore_journal: bool = False) -> tuple[CheckpointFile, ...]:
+    """Read-only maps of files whose format is described elsewhere (a DCP folder's `.distcp`
+    files), with the old bytes of an interrupted edit overlaid as `open_checkpoint_files` does."""
+    entries = () if ignore_journal else _journal_entries(list(paths))
+    files: list[CheckpointFile] = []
+    try:
+        for path in paths:
+            buffer, pending = _map_file(path, entries)
+            files.append(CheckpointFile(path, buffer, pending))
+    except BaseException:
+        for file in files:
+            close_buffer(file.buffer)
+        raise
+    return tuple(files)
+
+
+def pending_rollback_warning(path: Path) -> str:
+    return f"{path}: {PENDING_ROLLBACK_NOTE.format(path=path)}"
+
+
 def _open_file(path: Path, entries: tuple[JournalEntry, ...]) -> Checkpoint:
     buffer, pending = _map_file(path, entries)
     try:
@@ -190,7 +274,7 @@ def _open_file(path: Path, entries: tuple[JournalEntry, ...]) -> Checkpoint:
             replace(checkpoint.files[0], pending_rollback=True),
             *checkpoint.files[1:],
         )
-        checkpoint.warnings.append(f"{path}: {PENDING_ROLLBACK_NOTE.format(path=path)}")
+        checkpoint.warnings.append(pending_rollback_warning(path))
     return checkpoint
 
 

@@ -585,7 +585,7 @@ def _write_archive(
 ) -> None:
     """The records torch.save writes: data.pkl, the small ones, each storage, a serialization id."""
     prefix = tree.state.prefix if tree.state is not None else DEFAULT_PREFIX
-    with open(source.path, "rb") as file:
+    with open(source.files[0].path, "rb") as file:  # a folder's path is no file to read
         read_at = pread_reader(file)
         records: list[tuple[str, Iterable[bytes | memoryview]]] = [
             (f"{prefix}data.pkl", [data_pkl]),

@@ -159,9 +159,12 @@ def read_records(
 
 
 def _unpack(path: Path, fmt: str, buffer: mmap.mmap | bytes, offset: int) -> tuple[int, ...]:
-    if offset < 0 or offset + struct.calcsize(fmt) > len(buffer):
+    """Unpack from a slice, so that `buffer` may also be a window onto a zip archive embedded in a
+    larger file (a DCP item): anything with `len`, slicing and `rfind`."""
+    size = struct.calcsize(fmt)
+    if offset < 0 or offset + size > len(buffer):
         raise CheckpointError(f"{path}: truncated or corrupt zip archive")
-    return struct.unpack_from(fmt, buffer, offset)
+    return struct.unpack(fmt, bytes(buffer[offset : offset + size]))
 
 
 def _find_central_directory(path: Path, buffer: mmap.mmap | bytes) -> tuple[int, int]:
