@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from lstm_surgeon import __version__
 from lstm_surgeon.errors import EditError, Interrupted, SurgeonError
-from lstm_surgeon.vocabulary import Direction, Mode
+from lstm_surgeon.vocabulary import Direction, Mode, RecurrentActivation
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERNAL_ERROR = 3
@@ -542,7 +542,19 @@ def zero_input(
 
 @app.command()
 @_command
-def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def verify(
+    checkpoint: CheckpointArg,
+    layer: LayerOpt = None,
+    json: JsonOpt = False,
+    recurrent_activation: Annotated[
+        RecurrentActivation | None,
+        typer.Option(
+            "--recurrent-activation",
+            help="Keras files without a model config: the gates' activation to assume "
+            "(hard_sigmoid before Keras 2.3, else sigmoid).",
+        ),
+    ] = None,
+) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
     Example:
@@ -551,11 +563,14 @@ def verify(checkpoint: CheckpointArg, layer: LayerOpt = None, json: JsonOpt = Fa
     lstm-surgeon verify fixed.pt
     """
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.formats.keras_weights import assume_recurrent_activation
     from lstm_surgeon.render import verification_view
     from lstm_surgeon.verify import verify_checkpoint
 
     out = _output(json)
     with open_checkpoint(checkpoint) as opened:
+        if recurrent_activation is not None:
+            assume_recurrent_activation(opened, recurrent_activation)
         verification = verify_checkpoint(opened, layer or ())
     for warning in verification.warnings:
         out.warn(warning)

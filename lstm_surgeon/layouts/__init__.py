@@ -49,9 +49,9 @@ class Layout(Protocol):
 
 
 def _layouts() -> tuple[Layout, ...]:
-    from lstm_surgeon.layouts import pytorch
+    from lstm_surgeon.layouts import keras, pytorch
 
-    return (pytorch.LAYOUT,)
+    return (pytorch.LAYOUT, keras.LAYOUT)
 
 
 def layout_for(framework: str) -> Layout:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lstm_surgeon.checkpoint import Checkpoint
     from lstm_surgeon.layers import RecurrentLayer
 
-RUNTIMES: dict[str, str] = {}  # framework -> module that runs its layers
+RUNTIMES: dict[str, str] = {"keras": "lstm_surgeon.runtimes.keras"}  # framework -> module
 
 
 class Runtime(Protocol):
