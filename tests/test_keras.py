@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from torch import nn
 
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.discovery import discover
-from lstm_surgeon.errors import EditError
+from lstm_surgeon.errors import EditError, SurgeonError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.formats.zip_records import read_records
 from lstm_surgeon.layers import BIAS_IH
@@ -244,3 +246,30 @@ def test_cli_drop_bias_is_refused_and_leaves_nothing(surgeon, saved, tmp_path):
     assert result.returncode == 2
     assert "model config" in result.stderr
     assert not output.exists()
+
+
+def test_without_h5py_reading_names_the_extra(saved, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(SurgeonError, match=r"pip install 'lstm-surgeon\[keras\]'"):
+        open_checkpoint(saved[".weights.h5"])
+
+
+def test_without_keras_verify_names_the_extra(saved, monkeypatch):
+    monkeypatch.setitem(sys.modules, "keras", None)
+    with (
+        open_checkpoint(saved[".keras"]) as checkpoint,
+        pytest.raises(SurgeonError, match=r"pip install 'lstm-surgeon\[keras\]'"),
+    ):
+        verify_checkpoint(checkpoint, ["lstm"])
+
+
+def test_help_imports_neither_h5py_nor_keras():
+    code = (
+        "import sys; from lstm_surgeon.cli import app; from typer.testing import CliRunner; "
+        "CliRunner().invoke(app, ['--help']); "
+        "print(any(m in sys.modules for m in ('h5py', 'keras')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

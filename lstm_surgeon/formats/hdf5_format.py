@@ -113,13 +113,11 @@ def read_h5(
             h5.visititems(lambda name, item: _add_dataset(path, h5py, name, item, start, result))
             _check_bounds(path, result.tensors, len(buffer))
             config = config if config is not None else result.metadata.get("model_config")
-            operators, warnings = keras_operators(h5, result.tensors, config, result.metadata)
+            result.operators = keras_operators(h5, result.tensors, config, result.metadata)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: not a readable HDF5 file ({_first_line(error)})") from None
     finally:
         window.close()
-    result.operators = operators
-    result.warnings += warnings
     return result
 
 

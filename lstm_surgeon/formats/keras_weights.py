@@ -53,20 +53,18 @@ class _Layer:
 
 def keras_operators(
     h5: Any, tensors: dict[str, TensorRef], config: Any, metadata: dict[str, str]
-) -> tuple[tuple[Operator, ...], list[str]]:
+) -> tuple[Operator, ...]:
     """One operator per recurrent layer (a `Bidirectional` one holding both directions), in file
-    order, and warnings for weights that look recurrent but are incomplete."""
+    order; the layout checks that its weights are complete and fit its class."""
     layers = _keras3_layers(h5, tensors) or _keras2_layers(tensors)
     classes = _config_classes(config)
-    operators, warnings = [], []
+    operators = []
     for layer in layers.values():
-        forward = layer.weights.get(FORWARD, {})
-        if "kernel" not in forward or "recurrent_kernel" not in forward:
-            warnings.append(f"layer {layer.name!r}: a recurrent kernel without its kernel")
-            continue
+        if "recurrent_kernel" not in layer.weights.get(FORWARD, {}):
+            continue  # a Keras 3 group of variables that is no recurrent cell
         settings = classes.get(layer.name.rsplit("/", 1)[-1])
         operators.append(_operator(layer, tensors, settings, metadata))
-    return tuple(operators), warnings
+    return tuple(operators)
 
 
 def assume_recurrent_activation(checkpoint: Checkpoint, activation: str) -> None:
