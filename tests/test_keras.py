@@ -19,7 +19,7 @@ import torch
 from keras_files import FEATURES, SEQUENCE, keras, keras3_model
 from torch import nn
 
-from lstm_surgeon.apply import Destination, edit_checkpoint
+from lstm_surgeon.apply import Destination, edit_checkpoint, output_tensors
 from lstm_surgeon.discovery import discover
 from lstm_surgeon.errors import EditError, SurgeonError
 from lstm_surgeon.formats import open_checkpoint
@@ -273,3 +273,28 @@ def test_help_imports_neither_h5py_nor_keras():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_rewrite_through_h5py_holds_what_the_patch_writes(keras_file, tmp_path):
+    """The format's `write` (the path for a file whose bytes cannot be patched) gives the same
+    values as the byte patch, and Keras loads it."""
+    suffix = "".join(keras_file.suffixes)
+    patched, rewritten = tmp_path / f"patched{suffix}", tmp_path / f"rewritten{suffix}"
+    planner = lambda ck: plan_set_forget_bias(ck, 2.5)  # noqa: E731
+    edit_checkpoint(keras_file, planner, Destination(output=patched))
+    with open_checkpoint(keras_file) as checkpoint, open(rewritten, "w+b") as out:
+        checkpoint.format.write(out, output_tensors(checkpoint, planner(checkpoint)), checkpoint)
+    with open_checkpoint(patched) as a, open_checkpoint(rewritten) as b:
+        assert a.tensors.keys() == b.tensors.keys()
+        for name in a.tensors:
+            np.testing.assert_array_equal(a.raw(name), b.raw(name))
+    np.testing.assert_allclose(
+        keras_forget_gates(loaded_model(rewritten), "lstm"), 1 / (1 + np.exp(-2.5)), atol=1e-6
+    )
+
+
+def test_another_format_is_not_written_as_keras(surgeon, saved, tmp_path):
+    output = tmp_path / "out.h5"
+    result = surgeon("set-forget-bias", saved[".keras"], "-o", output, "--yes")
+    assert result.returncode == 2, result.stderr
+    assert not output.exists()

@@ -146,8 +146,12 @@ def _add_dataset(
         result.warnings.append(f"{path}: dataset {name!r} is {problem}; lstm-surgeon leaves it out")
         return
     dtype = BY_NUMPY.get(item.dtype)
+    if dtype is None and item.dtype.kind == "f":
+        result.warnings.append(
+            f"{path}: dataset {name!r} is {item.dtype.str}; lstm-surgeon leaves it out"
+        )
     if dtype is None or item.shape is None:
-        return  # strings, big-endian or compound data: not a tensor of a recurrent layer
+        return  # strings, compound data, big-endian floats: not a recurrent layer's weights
     nbytes = int(np.prod(item.shape, dtype=object)) * dtype.itemsize
     offset = start + int(item.id.get_offset())
     result.tensors[name] = TensorRef(
@@ -176,11 +180,14 @@ def _check_bounds(path: Path, tensors: dict[str, TensorRef], size: int) -> None:
             )
 
 
-def require_same_datasets(source: Checkpoint, tensors: list[OutputTensor]) -> None:
-    """Refuse an output whose datasets differ from the source's (names, shapes and types)."""
+def require_same_datasets(
+    source: Checkpoint, tensors: list[OutputTensor], target_format: str
+) -> None:
+    """Refuse an output whose datasets differ from the source's (names, shapes and types), or
+    whose format is not the source's."""
     wanted = {(t.ref.name, t.ref.shape, t.ref.dtype.name) for t in tensors}
     have = {(r.name, r.shape, r.dtype.name) for r in source.tensors.values()}
-    if source.format.name not in (FORMAT.name, "keras") or wanted != have:
+    if source.format.name != target_format or wanted != have:
         raise EditError(
             f"{source.path}: lstm-surgeon edits the values of a Keras file's weights but does not "
             "add, drop or convert them (its model config would disagree); rebuild the model in "
@@ -239,7 +246,7 @@ class Hdf5Format:
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
         """A copy of the source with the new values written through h5py (the same datasets)."""
-        require_same_datasets(source, tensors)
+        require_same_datasets(source, tensors, self.name)
         out.write(source.buffer)
         out.flush()
         out.seek(0)

@@ -123,7 +123,7 @@ class KerasZipFormat:
         drop_keys: frozenset[str] = frozenset(),
     ) -> None:
         """A new archive with the same members, the weights' new values written through h5py."""
-        require_same_datasets(source, tensors)
+        require_same_datasets(source, tensors, self.name)
         with zipfile.ZipFile(WindowFile(source.buffer)) as archive:
             weights = io.BytesIO(archive.read(WEIGHTS))
             write_values(weights, tensors)
