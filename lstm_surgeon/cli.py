@@ -115,6 +115,14 @@ DirectionOpt = Annotated[
     Direction | None,
     typer.Option("--direction", help="Only this direction of bidirectional layers."),
 ]
+RecurrentActivationOpt = Annotated[
+    RecurrentActivation | None,
+    typer.Option(
+        "--recurrent-activation",
+        help="Keras files without a model config: the gates' activation to assume "
+        "(hard_sigmoid before Keras 2.3, else sigmoid).",
+    ),
+]
 ModeOpt = Annotated[
     Mode,
     typer.Option(
@@ -546,14 +554,7 @@ def verify(
     checkpoint: CheckpointArg,
     layer: LayerOpt = None,
     json: JsonOpt = False,
-    recurrent_activation: Annotated[
-        RecurrentActivation | None,
-        typer.Option(
-            "--recurrent-activation",
-            help="Keras files without a model config: the gates' activation to assume "
-            "(hard_sigmoid before Keras 2.3, else sigmoid).",
-        ),
-    ] = None,
+    recurrent_activation: RecurrentActivationOpt = None,
 ) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
@@ -597,6 +598,7 @@ def convert(
     force: ForceOpt = False,
     fsync: FsyncOpt = False,
     json: JsonOpt = False,
+    recurrent_activation: RecurrentActivationOpt = None,
 ) -> None:
     """Write the recurrent layers of any readable file as a PyTorch state dict.
 
@@ -610,10 +612,13 @@ def convert(
     """
     from lstm_surgeon.convert import plan_conversion, write_conversion
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.formats.keras_weights import assume_recurrent_activation
     from lstm_surgeon.render import conversion_view
 
     out = _output(json)
     with open_checkpoint(checkpoint) as opened:
+        if recurrent_activation is not None:
+            assume_recurrent_activation(opened, recurrent_activation)
         conversion = plan_conversion(opened, tuple(layer or ()), carry_all)
         written = write_conversion(conversion, opened, output, force, fsync)
     out.show(conversion_view(conversion, output, written))

@@ -298,3 +298,42 @@ def test_another_format_is_not_written_as_keras(surgeon, saved, tmp_path):
     result = surgeon("set-forget-bias", saved[".keras"], "-o", output, "--yes")
     assert result.returncode == 2, result.stderr
     assert not output.exists()
+
+
+# --- convert: Keras's outputs against torch's modules loaded from convert's output ---------------
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_converted_layers_compute_what_keras_computes(surgeon, saved, tmp_path, suffix):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "converted.safetensors"
+    selection = [arg for name in EXPRESSIBLE for arg in ("--layer", name)]
+    result = surgeon("convert", saved[suffix], "-o", output, *selection, "--json")
+    assert result.returncode == 0, result.stderr
+    converted = load_file(str(output))
+    model = loaded_model(saved[suffix])
+    with open_checkpoint(saved[suffix]) as checkpoint:
+        layers = {layer.name: layer for layer in discover(checkpoint).layers}
+    for name in EXPRESSIBLE:
+        layer = layers[name]
+        module = TORCH_CLASS[layer.kind](
+            layer.input_size, layer.hidden_size, bidirectional=layer.bidirectional, bias=layer.bias
+        )
+        prefix = name.replace("/", ".") + "."
+        state = {k.removeprefix(prefix): v for k, v in converted.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+        x = np.random.default_rng(3).normal(size=(2, SEQUENCE, layer.input_size))
+        x = x.astype(np.float32)
+        expected = keras.ops.convert_to_numpy(keras_layer(model, name)(x))
+        with torch.no_grad():
+            got = module(torch.from_numpy(x).transpose(0, 1))[0].transpose(0, 1).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_convert_refuses_a_gru_with_reset_before(surgeon, saved, tmp_path):
+    output = tmp_path / "converted.safetensors"
+    result = surgeon("convert", saved[".keras"], "-o", output, "--layer", "gru_before")
+    assert result.returncode == 2
+    assert "reset_after=False" in result.stderr
+    assert not output.exists()

@@ -303,3 +303,14 @@ def test_a_model_config_is_parsed_never_run(surgeon, tmp_path):
     for command in ("inspect", "check"):
         assert surgeon(command, path).returncode in (0, 1)
     assert not canary.exists()
+
+
+def test_cli_convert_refuses_an_assumed_hard_sigmoid_unless_told(surgeon, tmp_path):
+    path = weights_only(tmp_path / "w.h5", "2.2.4")
+    output = tmp_path / "converted.safetensors"
+    refused = surgeon("convert", path, "-o", output)
+    assert "hard_sigmoid (assumed)" in assert_clean_failure(refused.stderr, refused.returncode)
+    assert not output.exists()
+    told = surgeon("convert", path, "-o", output, "--recurrent-activation", "sigmoid")
+    assert told.returncode == 0, told.stderr
+    assert output.exists()
