@@ -26,6 +26,7 @@ from lstm_surgeon.checkpoint import (
     CheckpointFile,
     Contents,
     Entry,
+    Operator,
     OutputTensor,
     StorageRef,
     TensorRef,
@@ -90,7 +91,7 @@ class H5Contents:
     """What an HDF5 file holds, as the neutral model takes it: tensors, operators, warnings."""
 
     tensors: dict[str, TensorRef] = field(default_factory=dict)
-    operators: tuple[Any, ...] = ()
+    operators: tuple[Operator, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -114,7 +115,7 @@ def read_h5(
             _check_bounds(path, result.tensors, len(buffer))
             config = config if config is not None else result.metadata.get("model_config")
             result.operators = keras_operators(h5, result.tensors, config, result.metadata)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: not a readable HDF5 file ({_first_line(error)})") from None
     finally:
         window.close()
