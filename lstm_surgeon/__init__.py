@@ -34,6 +34,7 @@ _EXPORTS = {
     "edit_checkpoint": "lstm_surgeon.apply",
     "recover_checkpoint": "lstm_surgeon.apply",
     "diff_checkpoints": "lstm_surgeon.diff",
+    "follow_run": "lstm_surgeon.trend",
     "verify_checkpoint": "lstm_surgeon.verify",
     "check_checkpoint": "lstm_surgeon.check",
     "SurgeonError": "lstm_surgeon.errors",

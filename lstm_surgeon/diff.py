@@ -31,6 +31,7 @@ from lstm_surgeon.discovery import Discovery, discover, select_layers
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.gates import Gate, effective_bias
+from lstm_surgeon.histogram import Histogram, histograms_over_one_range
 from lstm_surgeon.layers import BIAS_HH, BIAS_IH, BIAS_ROLES, Cell, RecurrentLayer, Region
 from lstm_surgeon.stats import Summary
 
@@ -63,18 +64,28 @@ class GateDiff:
 
 @dataclass(frozen=True)
 class EffectiveBias:
-    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent."""
+    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent.
+
+    `histograms` (when asked for) are before's and after's, over one range shared by every gate of
+    the cell, so they can be drawn side by side and compared."""
 
     gate: str
     before: Summary | None
     after: Summary | None
+    histograms: tuple[Histogram | None, Histogram | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        entry = {
             "gate": self.gate,
             "before": None if self.before is None else self.before.to_dict(),
             "after": None if self.after is None else self.after.to_dict(),
         }
+        if self.histograms is not None:
+            entry["histogram"] = {
+                side: None if histogram is None else histogram.to_dict()
+                for side, histogram in zip(("before", "after"), self.histograms, strict=True)
+            }
+        return entry
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,7 @@ def _compare_pair(
     sides: tuple[_Side, _Side],
     tol: Tolerance,
     progress: Callable[[int], None] | None = None,
+    histograms: bool = False,
 ) -> TensorDiff | None:
     """The tensor's differences, or None when it is unchanged within tolerance."""
     a, b = pair.a, pair.b
@@ -390,7 +402,7 @@ def _compare_pair(
         for gate, running in per_gate
     )
     changed_gates = [gate for gate, running in per_gate if running.changed]
-    effective = _effective(pair.info, sides, changed_gates)
+    effective = _effective(pair.info, sides, changed_gates, histograms)
     return _tensor_diff(pair, total, gate_diffs, dtype, None, effective)
 
 
@@ -420,19 +432,34 @@ def _tensor_diff(
 
 
 def _effective(
-    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate]
+    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate], histograms: bool
 ) -> tuple[EffectiveBias, ...]:
-    """What each changed gate sees before and after, for a changed bias (else nothing)."""
+    """What each changed gate sees before and after, for a changed bias (else nothing); with
+    `histograms`, its distributions over the range of every summing gate of the cell on both sides
+    (the same range for the cell's `b_ih` and `b_hh`, whichever of them changed)."""
     summing = [gate for gate in gates if gate.biases_sum]
     if info is None or info.parameter not in BIAS_ROLES or not summing:
         return ()
+    seen = {
+        gate.name: (_gate_sees(sides[0], info, gate), _gate_sees(sides[1], info, gate))
+        for gate, _ in info.gate_regions
+        if gate.biases_sum
+    }
+    drawn: dict[str, tuple[Histogram | None, Histogram | None]] = {}
+    if histograms:
+        _, flat = histograms_over_one_range([values for pair in seen.values() for values in pair])
+        drawn = dict(zip(seen, zip(flat[0::2], flat[1::2], strict=True), strict=True))
     return tuple(
-        EffectiveBias(gate.name, *(_gate_sees(side, info, gate) for side in sides))
+        EffectiveBias(gate.name, *map(_optional_summary, seen[gate.name]), drawn.get(gate.name))
         for gate in summing
     )
 
 
-def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
+def _optional_summary(values: np.ndarray | None) -> Summary | None:
+    return None if values is None else Summary.of(values)
+
+
+def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> np.ndarray | None:
     """The bias `gate` sees on one side, or None when a bias is missing or reshaped there."""
     values = []
     for region in info.bias_regions[gate.name]:
@@ -443,8 +470,7 @@ def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
         if ref is None or ref.shape != region.tensor.shape:
             return None
         values.append(widen(region.raw_of(side.checkpoint.raw(ref)), ref.dtype))
-    effective = effective_bias(gate, *values)
-    return None if effective is None else Summary.of(effective)
+    return effective_bias(gate, *values)
 
 
 def _check_tolerance(name: str, value: float) -> float:
@@ -467,6 +493,7 @@ def diff_checkpoints(
     layer_globs: Iterable[str] = (),
     strip_prefixes: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
+    histograms: bool = False,
     matches: Sequence[tuple[str, str]] = (),
 ) -> DiffResult:
     """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
@@ -474,7 +501,8 @@ def diff_checkpoints(
     `layer_globs` restricts the comparison to the tensors of the recurrent layers whose name (with
     or without the stripped prefix) matches a glob, on either side; `strip_prefixes` (`module.`,
     `_orig_mod.`, `state_dict.`) are removed from the front of every name on both sides, so a DDP
-    or Lightning checkpoint can be compared with a plain state dict.
+    or Lightning checkpoint can be compared with a plain state dict. `histograms` adds, for each
+    changed gate bias, the distribution of what the gate sees before and after.
 
     Files whose recurrent layers come from different frameworks (or `matches`, pairs of layer
     names) are compared layer by layer instead (`layer_diff`).
@@ -496,7 +524,8 @@ def diff_checkpoints(
     shared = [name for name in in_a if name in names[1]]
     sides = (_Side(a, names[0], prefixes), _Side(b, names[1], prefixes))
     pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
-    changed = [d for d in (_compare_pair(p, sides, tol, progress) for p in pairs) if d is not None]
+    compared = (_compare_pair(p, sides, tol, progress, histograms) for p in pairs)
+    changed = [d for d in compared if d is not None]
     return DiffResult(
         a=str(a.path),
         b=str(b.path),

@@ -54,6 +54,10 @@ class Output:
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
         terminal = sys.stdout.isatty()
+        if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+            # A stdout that cannot encode a character (PYTHONIOENCODING=ascii) shows `?` for it
+            # rather than failing the command; histograms switch to ASCII glyphs by themselves.
+            sys.stdout.reconfigure(errors="replace")
         # Not a terminal: tables get a fixed width, and lines of text (notes, titles) are printed
         # whole, never wrapped mid-sentence at that width (soft_wrap).
         self.stdout = Console(

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from lstm_surgeon.histogram import ASCII_LEVELS, BLOCKS, bars
 from lstm_surgeon.output import clean
 
 if TYPE_CHECKING:  # records only: rendering must not import what builds them
@@ -17,6 +19,7 @@ if TYPE_CHECKING:  # records only: rendering must not import what builds them
     from lstm_surgeon.apply import WriteResult
     from lstm_surgeon.check import CheckReport
     from lstm_surgeon.convert import Conversion
+    from lstm_surgeon.histogram import CellHistograms, Histogram, ValueRange
     from lstm_surgeon.inspection import Inspection, LayerReport
     from lstm_surgeon.plan import EditPlan
     from lstm_surgeon.stats import CellStats, GateStats, Summary
@@ -79,7 +82,46 @@ def summary_cell(summary: Summary | None) -> str:
     return f"{summary.mean:+.3f} [{summary.min:+.2f}, {summary.max:+.2f}]"
 
 
-def gate_table(report: LayerReport, cell: CellStats) -> Table:
+class HistogramBars:
+    """Histograms drawn as bars, one line each, in block characters; in ASCII when the console
+    cannot encode blocks (`PYTHONIOENCODING=ascii`, a terminal that is not UTF-8). Every line is
+    as wide as its bins, so the rows of a table line up bin for bin."""
+
+    def __init__(self, histograms: tuple[Histogram, ...], peak: int) -> None:
+        self.histograms = histograms
+        self.peak = peak
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        levels = ASCII_LEVELS if options.ascii_only else BLOCKS
+        for histogram in self.histograms:
+            yield Text(bars(histogram.counts, self.peak, levels))
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = max((len(histogram.counts) for histogram in self.histograms), default=0)
+        return Measurement(width, width)
+
+
+def gate_name_lines(name: str, drawn: tuple[tuple[str, Histogram], ...]) -> str:
+    """The gate column beside its histograms: the name, and which bias each line counts where a
+    gate has one histogram per bias (`new b_in` over `    b_hn`)."""
+    labels = [label for label, _ in drawn if label]
+    if not labels:
+        return name
+    return "\n".join(
+        f"{name if index == 0 else ' ' * len(name)} {label}" for index, label in enumerate(labels)
+    )
+
+
+def axis_heading(title: str, value_range: ValueRange, bins: int) -> Text:
+    """A histogram column's heading: its title, and the shared range's ends under the first and
+    last bins."""
+    low, high = (f"{end:+.2f}" for end in value_range)
+    return Text(f"{title}\n{low}{high.rjust(max(1, bins - len(low)))}")
+
+
+def gate_table(
+    report: LayerReport, cell: CellStats, histograms: CellHistograms | None = None
+) -> Table:
     table = Table(
         title=cell_label(report, cell),
         title_justify="left",
@@ -90,8 +132,16 @@ def gate_table(report: LayerReport, cell: CellStats) -> Table:
     for heading in ("b_ih mean [min, max]", "b_hh mean [min, max]", "effective b_ih + b_hh"):
         table.add_column(Text(heading), justify="right", no_wrap=True)
     table.add_column("at zero input", justify="right", no_wrap=True)
-    for gate in cell.gates:
-        table.add_row(gate.gate.name, *gate_row(gate))
+    if histograms is None:
+        for gate in cell.gates:
+            table.add_row(gate.gate.name, *gate_row(gate))
+        return table
+    heading = axis_heading("distribution", histograms.value_range, histograms.bins)
+    table.add_column(heading, no_wrap=True)
+    for gate, drawn in zip(cell.gates, histograms.gates, strict=True):
+        labelled = drawn.drawn()
+        bars_cell = HistogramBars(tuple(histogram for _, histogram in labelled), histograms.peak)
+        table.add_row(gate_name_lines(gate.gate.name, labelled), *gate_row(gate), bars_cell)
     return table
 
 
@@ -119,7 +169,11 @@ def inspection_view(inspection: Inspection) -> RenderableType:
                 Text("  no bias tensors (add them with `lstm-surgeon add-bias`)", style="dim")
             )
             continue
-        parts.extend(gate_table(report, cell) for cell in report.cells)
+        histograms = report.histograms or (None,) * len(report.cells)
+        parts.extend(
+            gate_table(report, cell, drawn)
+            for cell, drawn in zip(report.cells, histograms, strict=True)
+        )
         note = FAMILY_NOTES.get(report.layer.kind.removesuffix("Cell"))
         if note:
             parts.append(Text(f"  {note}", style="dim"))
