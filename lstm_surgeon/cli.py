@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from lstm_surgeon import __version__
 from lstm_surgeon.errors import EditError, Interrupted, SurgeonError
-from lstm_surgeon.vocabulary import Direction, Mode
+from lstm_surgeon.vocabulary import Direction, Mode, RecurrentActivation
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERNAL_ERROR = 3
@@ -134,6 +134,14 @@ SublayerOpt = Annotated[
 DirectionOpt = Annotated[
     Direction | None,
     typer.Option("--direction", help="Only this direction of bidirectional layers."),
+]
+RecurrentActivationOpt = Annotated[
+    RecurrentActivation | None,
+    typer.Option(
+        "--recurrent-activation",
+        help="Keras files without a model config: the gates' activation to assume "
+        "(hard_sigmoid before Keras 2.3, else sigmoid).",
+    ),
 ]
 ModeOpt = Annotated[
     Mode,
@@ -593,6 +601,7 @@ def verify(
     layer: LayerOpt = None,
     rename: RenameOpt = None,
     json: JsonOpt = False,
+    recurrent_activation: RecurrentActivationOpt = None,
 ) -> None:
     """Load every layer into the real torch module (strict) and run it; exit 1 if any fails.
 
@@ -602,6 +611,7 @@ def verify(
     lstm-surgeon verify fixed.pt
     """
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.formats.keras_weights import assume_recurrent_activation
     from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render import verification_view
     from lstm_surgeon.verify import verify_checkpoint
@@ -609,6 +619,8 @@ def verify(
     out = _output(json)
     rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
+        if recurrent_activation is not None:
+            assume_recurrent_activation(opened, recurrent_activation)
         verification = verify_checkpoint(renamed(opened, rules), layer or ())
     for warning in verification.warnings:
         out.warn(warning)
@@ -639,6 +651,7 @@ def convert(
     fsync: FsyncOpt = False,
     rename: RenameOpt = None,
     json: JsonOpt = False,
+    recurrent_activation: RecurrentActivationOpt = None,
 ) -> None:
     """Write the recurrent layers of any readable file as a PyTorch state dict.
 
@@ -652,12 +665,15 @@ def convert(
     """
     from lstm_surgeon.convert import plan_conversion, write_conversion
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.formats.keras_weights import assume_recurrent_activation
     from lstm_surgeon.renames import parse_renames, renamed
     from lstm_surgeon.render import conversion_view
 
     out = _output(json)
     rules = parse_renames(rename or ())
     with open_checkpoint(checkpoint) as opened:
+        if recurrent_activation is not None:
+            assume_recurrent_activation(opened, recurrent_activation)
         view = renamed(opened, rules)
         conversion = plan_conversion(view, tuple(layer or ()), carry_all)
         written = write_conversion(conversion, view, output, force, fsync)

@@ -19,3 +19,7 @@ Direction = Literal["forward", "reverse"]
 FORWARD: Direction = "forward"
 REVERSE: Direction = "reverse"
 DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
+
+RecurrentActivation = Literal["sigmoid", "hard_sigmoid"]
+"""The gate activation a Keras file without a model config is assumed to use (`hard_sigmoid` was
+Keras's default before 2.3)."""

@@ -81,11 +81,11 @@ def test_onnx_model_is_read_now(tmp_path):
         assert [op.kind for op in checkpoint.contents.operators] == ["LSTM"]
 
 
-def test_hdf5_file(tmp_path):
+def test_a_broken_hdf5_file_is_named_by_the_hdf5_reader(tmp_path):
     path = tmp_path / "model.h5"
     superblock = HDF5_SIGNATURE + bytes([0, 0, 0, 0, 0, 8, 8, 0]) + bytes(80)  # version 0, 8-byte
     path.write_bytes(superblock)
-    assert error_of(path) == f"{path}: an HDF5 file (such as a Keras .h5 model), {READABLE}"
+    assert error_of(path).startswith(f"{path}: not a readable HDF5 file (")
 
 
 def test_hdf5_file_after_a_user_block(tmp_path):

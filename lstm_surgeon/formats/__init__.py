@@ -67,6 +67,8 @@ class CheckpointFormat(Protocol):
 
 def _formats() -> tuple[CheckpointFormat, ...]:
     from lstm_surgeon.formats import (
+        hdf5_format,
+        keras_zip,
         numpy_format,
         numpy_pickle,
         onnx_format,
@@ -79,12 +81,14 @@ def _formats() -> tuple[CheckpointFormat, ...]:
 
     return (
         safetensors_format.FORMAT,
+        keras_zip.FORMAT,  # before torch.save's zips: it claims only Keras 3 archives
         numpy_format.NPZ_FORMAT,  # before torch.save's zips: it claims only zips of .npy members
         torch_zip.FORMAT,
         torchscript.FORMAT,
         pt2.FORMAT,
         torch_legacy.FORMAT,
         onnx_format.FORMAT,
+        hdf5_format.FORMAT,
         numpy_format.NPY_FORMAT,
         numpy_pickle.FORMAT,  # after pre-1.6 torch.save, which also opens with a pickle
     )

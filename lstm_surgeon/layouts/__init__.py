@@ -49,9 +49,9 @@ class Layout(Protocol):
 
 
 def _layouts() -> tuple[Layout, ...]:
-    from lstm_surgeon.layouts import onnx, pytorch
+    from lstm_surgeon.layouts import keras, onnx, pytorch
 
-    return (pytorch.LAYOUT, onnx.LAYOUT)
+    return (pytorch.LAYOUT, onnx.LAYOUT, keras.LAYOUT)
 
 
 def layout_for(framework: str) -> Layout:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 RUNTIMES: dict[str, str] = {  # framework -> module that runs its layers
     "onnx": "lstm_surgeon.runtimes.onnx",
+    "keras": "lstm_surgeon.runtimes.keras",
 }
 
 
