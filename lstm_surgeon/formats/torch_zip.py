@@ -26,6 +26,7 @@ import numpy as np
 
 from lstm_surgeon.checkpoint import (
     TRAINING_COUNTERS,
+    Buffer,
     Checkpoint,
     CheckpointFile,
     Contents,
@@ -35,6 +36,7 @@ from lstm_surgeon.checkpoint import (
     StorageRef,
     TensorRef,
     contiguous_strides,
+    is_mapped,
     optimizer_state_shaped,
     tensor_view,
 )
@@ -106,15 +108,14 @@ class TorchZipFormat:
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC)
 
-    def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
+    def read(self, path: Path, buffer: Buffer) -> Checkpoint:
         if bytes(buffer[: len(LEGACY_MAGIC)]) == LEGACY_MAGIC:
             raise UnsupportedCheckpointError(
                 f"{path}: a pre-1.6 torch.save file; re-save it with a current torch "
                 '(torch.save(torch.load(path, map_location="cpu", weights_only=True), new_path)) '
                 "and try again"
             )
-        with open(path, "rb") as file:
-            records = read_records(path, buffer, _reader(file))
+        records = _read_records(path, buffer)
         state = _ZipState(records, _archive_prefix(path, records))
         _check_byteorder(path, buffer, records, state.prefix)
         pickle_record = require_stored(path, state.pickle_record())
@@ -190,6 +191,15 @@ def _state(checkpoint: Checkpoint) -> _ZipState:
     state = checkpoint.format_state
     assert isinstance(state, _ZipState), "not a checkpoint read by the torch.save format"
     return state
+
+
+def _read_records(path: Path, buffer: Buffer) -> dict[str, ZipRecord]:
+    """The archive's records; a mapped file's local headers are read with pread (a lazy buffer,
+    a remote file, reads each range it is asked for anyway)."""
+    if not is_mapped(buffer):
+        return read_records(path, buffer)
+    with open(path, "rb") as file:
+        return read_records(path, buffer, _reader(file))
 
 
 def _reader(file: BinaryIO) -> ReadAt:

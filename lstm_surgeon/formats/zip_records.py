@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lstm_surgeon.checkpoint import byte_range
 from lstm_surgeon.errors import CheckpointError
 
 LOCAL_HEADER = b"PK\x03\x04"
@@ -46,12 +47,8 @@ class ZipRecord:
 def crc32_of(buffer: mmap.mmap | bytes, offset: int, size: int, chunk: int = 1 << 24) -> int:
     """CRC-32 of a byte range, in chunks so a large storage is never copied whole."""
     crc = 0
-    view = memoryview(buffer)
-    try:
-        for start in range(offset, offset + size, chunk):
-            crc = zlib.crc32(view[start : min(start + chunk, offset + size)], crc)
-    finally:
-        view.release()
+    for start in range(offset, offset + size, chunk):
+        crc = zlib.crc32(byte_range(buffer, start, min(chunk, offset + size - start)), crc)
     return crc
 
 
@@ -89,7 +86,7 @@ def read_records(
 def _unpack(path: Path, fmt: str, buffer: mmap.mmap | bytes, offset: int) -> tuple[int, ...]:
     if offset < 0 or offset + struct.calcsize(fmt) > len(buffer):
         raise CheckpointError(f"{path}: truncated or corrupt zip archive")
-    return struct.unpack_from(fmt, buffer, offset)
+    return struct.unpack(fmt, buffer[offset : offset + struct.calcsize(fmt)])
 
 
 def _find_central_directory(path: Path, buffer: mmap.mmap | bytes) -> tuple[int, int]:
