@@ -47,7 +47,7 @@ def check_checkpoint(path: Path, progress: Progress | None = None) -> CheckRepor
     Checking only reads. A file whose in-place edit was interrupted is a problem (other programs
     read the bytes on disk, which may be half edited); the rest of the report describes the
     checkpoint the rollback restores, or, when the journal no longer fits, the bytes on disk."""
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():  # not a URL (`remote.RemoteLocation`)
         open_checkpoint(path)  # raises the same clear error every command gives
     problems = []
     try:
