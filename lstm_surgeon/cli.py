@@ -337,7 +337,8 @@ def _edit_document(options: EditOptions, plan: Any, result: Any) -> dict[str, An
 
 def _edit_many(sources: list[str], planner: Callable[[Any], Any], options: EditOptions) -> None:
     """Several checkpoints: plan them all (reading only), stop before writing if any fails, ask
-    once, then write each. Each JSON line is the one-checkpoint object plus the checkpoint's path."""
+    once, then write each. Each JSON line is the object one checkpoint gives (its plan names its
+    source)."""
     from lstm_surgeon.batch import plan_edits, total_bytes, write_edits
     from lstm_surgeon.render import result_line
 
@@ -355,7 +356,7 @@ def _edit_many(sources: list[str], planner: Callable[[Any], Any], options: EditO
         raise typer.Exit(2)
     if destinations is None:
         for outcome in planned:
-            out.data({"path": outcome.source, **_edit_document(options, outcome.value, None)})
+            out.data(_edit_document(options, outcome.value, None))
         out.note("dry run: nothing written")
         return
     if not _confirmed(options, [outcome.value for outcome in planned], str(options.output)):
@@ -370,7 +371,7 @@ def _edit_many(sources: list[str], planner: Callable[[Any], Any], options: EditO
                 continue
             plan, result = outcome.value
             out.show(result_line(result))
-            out.data({"path": outcome.source, **_edit_document(options, plan, result)})
+            out.data(_edit_document(options, plan, result))
     if worst:
         raise typer.Exit(worst)
 

@@ -67,7 +67,10 @@ class RemoteBuffer:
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, int):
-            return self[index : index + 1][0]
+            position = index + self._size if index < 0 else index
+            if not 0 <= position < self._size:
+                raise IndexError("remote buffer index out of range")
+            return self[position : position + 1][0]
         start, stop, step = index.indices(self._size)
         if step != 1:
             raise ValueError("a remote buffer is read in contiguous ranges only")
