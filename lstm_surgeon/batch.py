@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from lstm_surgeon import inspection
 from lstm_surgeon.apply import Destination, Planner, WriteResult, edit_checkpoint
 from lstm_surgeon.check import CheckReport, check_checkpoint
 from lstm_surgeon.errors import CheckpointError, EditError, OutputError, SurgeonError
 from lstm_surgeon.formats import open_checkpoint
-from lstm_surgeon.inspection import Inspection, inspect_checkpoint
+from lstm_surgeon.inspection import Inspection
 from lstm_surgeon.plan import EditPlan
 from lstm_surgeon.remote import RemoteLocation, is_url, local_copy, remote_size
 from lstm_surgeon.writing import Progress, check_output_path
@@ -83,7 +84,7 @@ def inspect_each(
 ) -> Iterator[Outcome[Inspection]]:
     def inspect_one(source: str) -> Inspection:
         with open_checkpoint(source) as checkpoint:
-            return inspect_checkpoint(checkpoint, layer_globs)
+            return inspection.inspect_checkpoint(checkpoint, layer_globs)
 
     return each_checkpoint(sources, inspect_one)
 
