@@ -688,6 +688,46 @@ def verify(checkpoints: CheckpointsArg, layer: LayerOpt = None, json: JsonOpt = 
 
 @app.command()
 @_command
+def convert(
+    checkpoint: CheckpointArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="PATH", help="The PyTorch state dict (.safetensors or .pt)."
+        ),
+    ],
+    carry_all: Annotated[
+        bool, typer.Option("--all", help="Also carry every other tensor under its own name.")
+    ] = False,
+    layer: LayerOpt = None,
+    force: ForceOpt = False,
+    fsync: FsyncOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Write the recurrent layers of any readable file as a PyTorch state dict.
+
+    Gates are reordered, kernels transposed and single or packed biases split, so that torch's
+    modules compute what the source computes. Cells torch cannot compute are refused.
+
+    Example:
+
+    \b
+    lstm-surgeon convert model.onnx -o model.safetensors
+    """
+    from lstm_surgeon.convert import plan_conversion, write_conversion
+    from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.render import conversion_view
+
+    out = _output(json)
+    with open_checkpoint(checkpoint) as opened:
+        conversion = plan_conversion(opened, tuple(layer or ()), carry_all)
+        written = write_conversion(conversion, opened, output, force, fsync)
+    out.show(conversion_view(conversion, output, written))
+    out.data({**conversion.to_dict(), "output": str(output), "format": written})
+
+
+@app.command()
+@_command
 def recover(
     checkpoint: Annotated[
         Path,
@@ -759,6 +799,15 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--match",
+            metavar="A=B",
+            help="Compare layer A of the first file with layer B of the second (repeatable); "
+            "layers of different frameworks are otherwise matched by name, then by order and shape.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor and gate by gate; exit 1 if they differ.
@@ -770,6 +819,7 @@ def diff(
     """
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
+    from lstm_surgeon.layer_diff import parse_matches
     from lstm_surgeon.render_diff import diff_view
 
     out = _output(json)
@@ -786,6 +836,7 @@ def diff(
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
             progress=progress,
+            matches=parse_matches(match or ()),
         )
     for warning in result.warnings:
         out.warn(warning)

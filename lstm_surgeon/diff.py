@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
-from lstm_surgeon.discovery import Discovery, discover
+from lstm_surgeon.discovery import Discovery, discover, select_layers
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.gates import Gate, effective_bias
@@ -141,6 +141,8 @@ class DiffResult:
     changed: tuple[TensorDiff, ...]
     unchanged_count: int
     warnings: tuple[str, ...] = field(default=())
+    # Layers compared across frameworks, as (A's, B's); then added/removed name layers, not tensors.
+    matched: tuple[tuple[str, str], ...] = ()
 
     @property
     def identical(self) -> bool:
@@ -161,6 +163,7 @@ class DiffResult:
             "changed": [entry.to_dict() for entry in self.changed],
             "unchanged_count": self.unchanged_count,
             "warnings": list(self.warnings),
+            "matched": [{"a": a, "b": b} for a, b in self.matched],
         }
 
 
@@ -247,7 +250,7 @@ def _cell_params(
 
 
 @dataclass(frozen=True)
-class _Tolerance:
+class Tolerance:
     atol: float
     rtol: float
 
@@ -260,7 +263,7 @@ class _Tolerance:
 
 
 @dataclass
-class _Running:
+class Running:
     """Running |a - b| statistics and the changed flag of one region, accumulated chunk by chunk."""
 
     count: int = 0
@@ -296,8 +299,8 @@ def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return diff
 
 
-def _compare_chunk(
-    raw_a: np.ndarray, raw_b: np.ndarray, dtypes: tuple[DType, DType], tol: _Tolerance
+def compare_chunk(
+    raw_a: np.ndarray, raw_b: np.ndarray, dtypes: tuple[DType, DType], tol: Tolerance
 ) -> tuple[np.ndarray, bool]:
     a, b = _widened(raw_a, dtypes[0]), _widened(raw_b, dtypes[1])
     if tol.exact and dtypes[0] == dtypes[1] and dtypes[0].storage.kind in "iub":
@@ -308,12 +311,12 @@ def _compare_chunk(
 
 
 def _compare_flat(
-    flats: tuple[np.ndarray, np.ndarray], dtypes: tuple[DType, DType], tol: _Tolerance
-) -> _Running:
-    running = _Running()
+    flats: tuple[np.ndarray, np.ndarray], dtypes: tuple[DType, DType], tol: Tolerance
+) -> Running:
+    running = Running()
     for start in range(0, flats[0].size, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, flats[0].size)
-        diff, changed = _compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
+        diff, changed = compare_chunk(flats[0][start:stop], flats[1][start:stop], dtypes, tol)
         running.add(diff, changed)
     return running
 
@@ -326,8 +329,8 @@ def _region_flats(
     return region.raw_of(raws[0]).reshape(-1), region.raw_of(raws[1]).reshape(-1)
 
 
-def _merge(parts: Iterable[_Running]) -> _Running:
-    merged = _Running()
+def merge_running(parts: Iterable[Running]) -> Running:
+    merged = Running()
     for part in parts:
         merged.count += part.count
         merged.total += part.total
@@ -358,7 +361,7 @@ class _Pair:
 def _compare_pair(
     pair: _Pair,
     sides: tuple[_Side, _Side],
-    tol: _Tolerance,
+    tol: Tolerance,
     progress: Callable[[int], None] | None = None,
 ) -> TensorDiff | None:
     """The tensor's differences, or None when it is unchanged within tolerance."""
@@ -376,7 +379,7 @@ def _compare_pair(
             (gate, _compare_flat(_region_flats(raws, region), dtypes, tol))
             for gate, region in regions
         ]
-        total = _merge(running for _, running in per_gate)
+        total = merge_running(running for _, running in per_gate)
     else:
         flats = (raws[0].reshape(-1), raws[1].reshape(-1))
         per_gate, total = [], _compare_flat(flats, dtypes, tol)
@@ -393,7 +396,7 @@ def _compare_pair(
 
 def _tensor_diff(
     pair: _Pair,
-    total: _Running | None,
+    total: Running | None,
     gate_diffs: tuple[GateDiff, ...],
     dtype: tuple[str, str] | None,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
@@ -464,6 +467,7 @@ def diff_checkpoints(
     layer_globs: Iterable[str] = (),
     strip_prefixes: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
+    matches: Sequence[tuple[str, str]] = (),
 ) -> DiffResult:
     """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
 
@@ -471,12 +475,17 @@ def diff_checkpoints(
     or without the stripped prefix) matches a glob, on either side; `strip_prefixes` (`module.`,
     `_orig_mod.`, `state_dict.`) are removed from the front of every name on both sides, so a DDP
     or Lightning checkpoint can be compared with a plain state dict.
+
+    Files whose recurrent layers come from different frameworks (or `matches`, pairs of layer
+    names) are compared layer by layer instead (`layer_diff`).
     """
-    tol = _Tolerance(_check_tolerance("atol", atol), _check_tolerance("rtol", rtol))
+    tol = Tolerance(_check_tolerance("atol", atol), _check_tolerance("rtol", rtol))
+    found = (discover(a), discover(b))
+    if matches or _frameworks(found[0]) != _frameworks(found[1]):
+        return _diff_by_layers(a, b, found, tol, list(layer_globs), matches)
     prefixes = normalize_prefixes(strip_prefixes)
     globs = list(layer_globs)
     names = (_names(a, prefixes), _names(b, prefixes))
-    found = (discover(a), discover(b))
     # A's reading of a parameter wins: it is the side the user compares against.
     params = _recurrent_params(found[1], prefixes, globs) | _recurrent_params(
         found[0], prefixes, globs
@@ -500,6 +509,40 @@ def diff_checkpoints(
         changed=tuple(changed),
         unchanged_count=len(shared) - len(changed),
         warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1])),
+    )
+
+
+def _frameworks(found: Discovery) -> set[str]:
+    return {layer.framework for layer in found.layers}
+
+
+def _diff_by_layers(
+    a: Checkpoint,
+    b: Checkpoint,
+    found: tuple[Discovery, Discovery],
+    tol: Tolerance,
+    globs: list[str],
+    matches: Sequence[tuple[str, str]],
+) -> DiffResult:
+    from lstm_surgeon.layer_diff import diff_layers
+
+    layers = (select_layers(found[0].layers, globs), select_layers(found[1].layers, globs))
+    if globs and not (layers[0] or layers[1]):
+        raise DiffError(f"no recurrent layer matches {', '.join(globs)} in {a.path} or {b.path}")
+    comparison = diff_layers(a, b, layers, matches, tol)
+    return DiffResult(
+        a=str(a.path),
+        b=str(b.path),
+        a_format=a.format_name,
+        b_format=b.format_name,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        added=comparison.added,
+        removed=comparison.removed,
+        changed=tuple(comparison.changed),
+        unchanged_count=comparison.unchanged_count,
+        warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1]) + comparison.warnings),
+        matched=tuple((pair.a.name, pair.b.name) for pair in comparison.pairs),
     )
 
 

@@ -12,8 +12,11 @@ from rich.text import Text
 from lstm_surgeon.output import clean
 
 if TYPE_CHECKING:  # records only: rendering must not import what builds them
+    from pathlib import Path
+
     from lstm_surgeon.apply import WriteResult
     from lstm_surgeon.check import CheckReport
+    from lstm_surgeon.convert import Conversion
     from lstm_surgeon.inspection import Inspection, LayerReport
     from lstm_surgeon.plan import EditPlan
     from lstm_surgeon.stats import CellStats, GateStats, Summary
@@ -252,3 +255,16 @@ def check_view(report: CheckReport) -> RenderableType:
     ]
     lines += [Text(f"  {clean(problem)}") for problem in report.problems]
     return Group(*lines)
+
+
+def conversion_view(conversion: Conversion, output: Path, written: str) -> RenderableType:
+    """Each converted tensor and the source tensors its blocks come from."""
+    table = Table(box=box.SIMPLE_HEAD)
+    for heading in ("tensor", "shape", "from"):
+        table.add_column(heading, no_wrap=heading != "from")
+    for target in conversion.targets:
+        sources = sorted({part.source for part in target.parts})
+        origin = "zeros" if target.zeros else ", ".join(map(clean, sources)) or "(as it was)"
+        table.add_row(clean(target.name), "×".join(map(str, target.shape)), origin)
+    footer = Text(f"wrote {clean(str(output))} ({written}, {len(conversion.targets)} tensors)")
+    return Group(table, footer)

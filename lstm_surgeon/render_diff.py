@@ -143,6 +143,8 @@ def _key_list(title: str, keys: tuple[str, ...], mark: str, style: str) -> Group
 def diff_view(result: DiffResult) -> RenderableType:
     """The whole report: header, verdict, changed tensors, effective biases, added/removed keys."""
     parts: list[RenderableType] = [_header(result), _verdict(result)]
+    for a, b in result.matched:
+        parts.append(Text(f"layer {clean(a) or '(root)'} = {clean(b) or '(root)'}", style="dim"))
     if result.changed:
         parts.append(changed_table(result.changed))
     for title, gates in _effective_by_cell(result.changed):

@@ -33,6 +33,8 @@ FAILING_RUNS = {
     "zero-bias": ["{missing}", "-o", "{out}"],
     "add-bias": ["{missing}", "-o", "{out}"],
     "zero-input": ["{missing}", "--features", "0", "-o", "{out}"],
+    "convert": ["{missing}", "-o", "{out}"],
+    "recover": ["{missing}"],
 }
 
 

@@ -9,6 +9,7 @@ loaded from `module_state`, never against the regions' own slicing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from torch import nn
 from lstm_surgeon import layouts
 from lstm_surgeon.apply import Destination, edit_checkpoint
 from lstm_surgeon.checkpoint import Checkpoint, TensorRef
+from lstm_surgeon.convert import plan_conversion, write_conversion
 from lstm_surgeon.diff import diff_checkpoints
 from lstm_surgeon.discovery import NoLayerSelected, discover
 from lstm_surgeon.errors import EditError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.gates import gates_of
 from lstm_surgeon.inspection import inspect_checkpoint
+from lstm_surgeon.layer_diff import MatchError
 from lstm_surgeon.layers import BIAS_IH, WEIGHT_HH, WEIGHT_IH, Cell, RecurrentLayer, Region
 from lstm_surgeon.layouts import Found, NewTensor
 from lstm_surgeon.layouts.pytorch import module_state
@@ -98,8 +101,8 @@ class TransposedOneBiasLayout:
 
 @pytest.fixture(autouse=True)
 def transposed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    registered = layouts._layouts()
-    monkeypatch.setattr(layouts, "_layouts", lambda: (*registered, TransposedOneBiasLayout()))
+    registered = (*layouts._layouts(), TransposedOneBiasLayout())
+    monkeypatch.setattr(layouts, "_layouts", lambda: registered)
 
 
 def reordered(stacked: torch.Tensor) -> torch.Tensor:
@@ -257,3 +260,88 @@ def test_cli_exits_2_when_a_glob_matches_nothing(surgeon, fixtures_dir, command)
     assert result.returncode == 2, result.stderr
     assert "no recurrent layer matches --layer 'nope*'" in result.stderr
     assert result.stdout == ""
+
+
+def test_convert_writes_what_torch_loads_and_computes_the_same(
+    transposed_file, torch_lstm, tmp_path
+):
+    output = tmp_path / "converted.safetensors"
+    with open_checkpoint(transposed_file) as checkpoint:
+        conversion = plan_conversion(checkpoint)
+        write_conversion(conversion, checkpoint, output)
+    module = nn.LSTM(INPUT, HIDDEN)
+    module.load_state_dict({k.removeprefix("enc."): v for k, v in load_file(str(output)).items()})
+    x = torch.randn(6, 3, INPUT, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x)[0], torch_lstm(x)[0])
+    targets = {target["target"]: target for target in conversion.to_dict()["tensors"]}
+    assert targets["enc.bias_hh_l0"]["zeros"] is True
+    gates = [part["gate"] for part in targets["enc.weight_ih_l0"]["parts"]]
+    assert gates == ["input", "forget", "cell", "output"]
+    assert {part["source"] for part in targets["enc.weight_ih_l0"]["parts"]} == {"enc/kernel"}
+
+
+def test_convert_refuses_a_cell_torch_cannot_compute(transposed_file, monkeypatch):
+    layout = layouts._layouts()[-1]
+    found = layout.find_layers
+
+    def with_peepholes(checkpoint):
+        result = found(checkpoint)
+        result.layers = [
+            replace(layer, pytorch_differences=("peepholes",)) for layer in result.layers
+        ]
+        return result
+
+    monkeypatch.setattr(layout, "find_layers", with_peepholes)
+    with (
+        open_checkpoint(transposed_file) as checkpoint,
+        pytest.raises(EditError, match=r"enc: torch's LSTM cannot compute this cell \(peepholes\)"),
+    ):
+        plan_conversion(checkpoint)
+
+
+@pytest.fixture
+def pytorch_file(tmp_path: Path, torch_lstm: nn.LSTM) -> Path:
+    path = tmp_path / "torch.safetensors"
+    save_file({f"enc.{k}": v.contiguous() for k, v in torch_lstm.state_dict().items()}, str(path))
+    return path
+
+
+def test_diff_across_layouts_matches_layers_and_compares_what_each_gate_sees(
+    pytorch_file, transposed_file, tmp_path
+):
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(transposed_file) as b:
+        exact = diff_checkpoints(a, b).to_dict()
+        close = diff_checkpoints(a, b, atol=1e-6).to_dict()
+    assert exact["matched"] == close["matched"] == [{"a": "enc", "b": "enc"}]
+    assert close["identical"], close  # b_ih + b_hh (float32 sum in the file) against the one bias
+    assert {entry["parameter"] for entry in exact["changed"]} <= {"bias_ih"}
+    edited_file = edited(transposed_file, lambda ck: plan_set_forget_bias(ck, 2.0), tmp_path)
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(edited_file) as b:
+        result = diff_checkpoints(a, b, atol=1e-6).to_dict()
+    (entry,) = result["changed"]
+    assert (entry["key"], entry["parameter"], entry["gates"]) == (
+        "enc.bias_ih_l0",
+        "bias_ih",
+        ["forget"],
+    )
+    assert entry["cell"] == {"layer": 0, "direction": "forward"}
+
+
+def test_diff_match_names_the_pairs_and_refuses_unknown_layers(
+    surgeon, pytorch_file, tmp_path, torch_lstm
+):
+    renamed = tmp_path / "renamed.safetensors"
+    save_file(
+        {k.replace("enc.", "other."): v for k, v in load_file(str(pytorch_file)).items()},
+        str(renamed),
+    )
+    with open_checkpoint(pytorch_file) as a, open_checkpoint(renamed) as b:
+        assert diff_checkpoints(a, b, matches=[("enc", "other")]).to_dict()["matched"] == [
+            {"a": "enc", "b": "other"}
+        ]
+        with pytest.raises(MatchError, match="no layer 'nope'"):
+            diff_checkpoints(a, b, matches=[("enc", "nope")])
+    result = surgeon("diff", pytorch_file, renamed, "--match", "enc=other", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["identical"] is True

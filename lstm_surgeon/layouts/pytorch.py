@@ -80,32 +80,60 @@ def gate_rows(position: int, hidden_size: int) -> range:
     return range(position * hidden_size, (position + 1) * hidden_size)
 
 
-def module_state(checkpoint: Checkpoint, layer: RecurrentLayer) -> dict[str, np.ndarray]:
-    """The layer's parameters as torch's module names and lays them out (stored elements, gates
-    stacked in canonical order), gathered through the regions of whatever layout found it. A layout
-    with one bias per gate gives `bias_ih` that bias and `bias_hh` zeros: the gate sees the same."""
-    state = {}
+@dataclass(frozen=True)
+class ModuleParameter:
+    """One parameter of torch's module for a layer, and where its parts lie in the checkpoint:
+    regions stacked along dimension 0 in canonical gate order (one region for a parameter without
+    gates; none for the zero `bias_hh` a one-bias layout stands for)."""
+
+    name: str  # as the module names it: `weight_ih_l0_reverse`
+    role: str
+    cell: Cell
+    parts: tuple[tuple[str | None, Region], ...]  # (gate, region)
+    zeros_like: Region | None = None  # the parameter is zeros shaped like this region's tensor part
+
+    def raw(self, checkpoint: Checkpoint) -> np.ndarray:
+        """The stored elements in torch's layout."""
+        if self.zeros_like is not None:
+            return np.zeros_like(self.zeros_like.raw(checkpoint))
+        return np.concatenate([region.raw(checkpoint) for _, region in self.parts])
+
+
+def module_parameters(layer: RecurrentLayer) -> list[ModuleParameter]:
+    """Every parameter of torch's module for the layer, in the module's order, gathered through the
+    regions of whatever layout found it. A layout with one bias per gate stands for `bias_ih` = that
+    bias and `bias_hh` = zeros: the gate sees the same."""
+    found: list[ModuleParameter] = []
     for cell in layer.cells:
         for role in ROLE_ORDER:
-            raw = _module_parameter(checkpoint, layer, cell, role)
-            if raw is None and role == BIAS_HH and layer.bias:
-                raw = np.zeros_like(state[module_parameter_name(layer, BIAS_IH, cell)])
-            if raw is not None:
-                state[module_parameter_name(layer, role, cell)] = raw
-    return state
+            parameter = _module_parameter(layer, cell, role)
+            input_bias = cell.region(BIAS_IH)
+            if parameter is None and role == BIAS_HH and input_bias is not None:
+                name = module_parameter_name(layer, role, cell)
+                parameter = ModuleParameter(name, role, cell, (), zeros_like=input_bias)
+            if parameter is not None:
+                found.append(parameter)
+    return found
 
 
-def _module_parameter(
-    checkpoint: Checkpoint, layer: RecurrentLayer, cell: Cell, role: str
-) -> np.ndarray | None:
-    """One parameter's stored elements in PyTorch's layout, or None when the cell has no such role."""
+def module_state(checkpoint: Checkpoint, layer: RecurrentLayer) -> dict[str, np.ndarray]:
+    """The layer's parameters as torch's module names and lays them out (stored elements)."""
+    return {parameter.name: parameter.raw(checkpoint) for parameter in module_parameters(layer)}
+
+
+def _module_parameter(layer: RecurrentLayer, cell: Cell, role: str) -> ModuleParameter | None:
     whole = cell.region(role)
     if whole is None:
         return None
+    name = module_parameter_name(layer, role, cell)
     if role not in GATED_ROLES:
-        return whole.raw(checkpoint)
-    parts = [cell.region(role, gate.name) for gate in layer.gates]
-    return np.concatenate([part.raw(checkpoint) for part in parts if part is not None])
+        return ModuleParameter(name, role, cell, ((None, whole),))
+    parts = tuple(
+        (gate.name, region)
+        for gate in layer.gates
+        if (region := cell.region(role, gate.name)) is not None
+    )
+    return ModuleParameter(name, role, cell, parts)
 
 
 def cell_regions(
