@@ -75,6 +75,9 @@ app = typer.Typer(
 _debug = {"on": os.environ.get("LSTM_SURGEON_DEBUG", "") not in ("", "0")}
 
 # Options shared by several commands, defined once.
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CHECKPOINT", help="A .pt (torch.save) or .safetensors file.")
+]
 CheckpointsArg = Annotated[
     list[str],
     typer.Argument(
