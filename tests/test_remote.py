@@ -3,8 +3,8 @@
 The server (`fixtures/range_server.py`) counts every body byte it sends, so these tests prove that
 `inspect` fetches the header and the recurrent tensors, not the file. The oracle for what a URL
 holds is the same file read locally (itself checked against torch elsewhere), and for edits the
-safetensors library's own loader. hf:// URLs go through the same code (fsspec's filesystem for the
-protocol, then `RemoteBuffer`); the Hub cannot be reached offline, so http stands in for it here.
+safetensors library's own loader. hf:// URLs are read from the same server posing as the Hub
+(`HF_ENDPOINT` pointed at it, in a subprocess so huggingface_hub reads it at import).
 """
 
 from __future__ import annotations
@@ -176,3 +176,18 @@ def test_fsspec_is_imported_only_for_urls():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_an_hf_url_reads_through_the_hub_api(surgeon, run_cli, served):
+    with serve(served, hub=True) as (url, state):
+        result = surgeon(
+            "inspect",
+            "hf://user/repo/model.safetensors",
+            "--json",
+            env={"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"},
+        )
+    assert result.returncode == 0, result.stderr
+    local = _json(run_cli("inspect", served / "model.safetensors", "--json"))
+    assert json.loads(result.stdout) == {**local, "path": "hf://user/repo/model.safetensors"}
+    path = served / "model.safetensors"
+    assert state.bytes_sent < path.stat().st_size / 4
