@@ -126,6 +126,7 @@ def edit_source(
             return planner(checkpoint), None
     if destination.output is None:
         raise EditError(f"{source}: a URL cannot be edited in place; write the result with -o PATH")
+    _check_output(source, destination.output, destination.force)  # before a long download
     with local_copy(source, destination.output.parent, progress) as local:
         return edit_checkpoint(local, planner, destination, before_write)
 
@@ -169,12 +170,14 @@ def _check_destination(source: str, destination: Destination) -> None:
         if is_url(source):
             raise EditError(f"{source}: a URL cannot be edited in place; write it with -o FOLDER")
         return
-    if not destination.output.parent.is_dir():
-        return  # a folder that does not exist yet holds no file to overwrite; `write_edits` makes it
-    # `check_output_path` also refuses the input itself as the output; a URL never is that file,
-    # so the output's own folder (never equal to a file) stands in for it.
-    compared = destination.output.parent if is_url(source) else Path(source)
-    check_output_path(destination.output, compared, destination.force)
+    if destination.output.parent.is_dir():  # else `write_edits` makes it: no file to overwrite
+        _check_output(source, destination.output, destination.force)
+
+
+def _check_output(source: str, output: Path, force: bool) -> None:
+    """`writing.check_output_path`, which also refuses the input itself as the output; a URL never
+    is that file, so the output's own folder (never equal to a file) stands in for it."""
+    check_output_path(output, output.parent if is_url(source) else Path(source), force)
 
 
 def write_edits(

@@ -191,3 +191,15 @@ def test_an_hf_url_reads_through_the_hub_api(surgeon, run_cli, served):
     assert json.loads(result.stdout) == {**local, "path": "hf://user/repo/model.safetensors"}
     path = served / "model.safetensors"
     assert state.bytes_sent < path.stat().st_size / 4
+
+
+def test_an_existing_output_is_refused_before_the_download(run_cli, served, server, tmp_path):
+    url, state = server
+    output = tmp_path / "fixed.safetensors"
+    output.write_bytes(b"keep me")
+    result = run_cli("set-forget-bias", f"{url}/model.safetensors", "-o", output)
+    line = assert_clean_failure(result.stderr, result.exit_code)
+    assert "already exists" in line
+    assert output.read_bytes() == b"keep me"
+    assert state.bytes_sent < (served / "model.safetensors").stat().st_size / 4
+    assert [entry.name for entry in tmp_path.iterdir()] == ["fixed.safetensors"]
