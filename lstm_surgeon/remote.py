@@ -80,6 +80,11 @@ class RemoteBuffer:
             return self._from_blocks(start, stop)
         return self._memoised(start, stop)
 
+    def __iter__(self) -> Iterator[int]:
+        """Refused: `bytes(buffer)` would otherwise fetch the file one byte per call; a reader
+        takes what it needs by slices (or `checkpoint.byte_range`)."""
+        raise TypeError("a remote buffer is read by slices, not byte by byte")
+
     def rfind(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
         """Like `bytes.rfind`: the zip reader looks for its end record in the file's last bytes."""
         start = max(0, start)
