@@ -9,6 +9,7 @@ safetensors library's own loader. hf:// URLs are read from the same server posin
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_failure
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from range_server import serve
 from safetensors.torch import load_file, save_file
 
 from lstm_surgeon.formats import open_checkpoint
-from lstm_surgeon.remote import BLOCK_BYTES, RemoteLocation, is_url
+from lstm_surgeon.remote import BLOCK_BYTES, RemoteBuffer, RemoteLocation, is_url
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -65,6 +68,21 @@ def test_a_url_stays_whole_as_the_checkpoint_path():
     assert is_url("hf://user/repo/model.safetensors")
     assert not is_url("runs/model.pt")
     assert not is_url(Path("https://example.com/x.pt"))  # a Path has lost its `//` already
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=3 * BLOCK_BYTES).map(lambda b: b * 2),
+    reads=st.lists(st.tuples(st.integers(-10, 7 * BLOCK_BYTES), st.integers(-10, 7 * BLOCK_BYTES))),
+)
+def test_a_remote_buffer_reads_like_bytes(data: bytes, reads: list[tuple[int, int]]):
+    buffer = RemoteBuffer("memory", io.BytesIO(data), len(data))
+    for start, stop in reads:  # repeated and overlapping reads: the caches must not change a byte
+        assert buffer[start:stop] == data[start:stop]
+    assert buffer[len(data) // 2] == data[len(data) // 2]
+    assert buffer[-1] == data[-1]
+    needle = data[-3:]
+    assert buffer.rfind(needle, len(data) // 3) == data.rfind(needle, len(data) // 3)
 
 
 def test_inspect_of_a_url_reads_only_the_header_and_the_recurrent_tensors(run_cli, served, server):
