@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from lstm_surgeon import inspection
 from lstm_surgeon.apply import Destination, Planner, WriteResult, edit_checkpoint
 from lstm_surgeon.check import CheckReport, check_checkpoint
+from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.errors import CheckpointError, EditError, OutputError, SurgeonError
 from lstm_surgeon.formats import open_checkpoint
 from lstm_surgeon.inspection import Inspection
@@ -127,8 +128,14 @@ def edit_source(
     if destination.output is None:
         raise EditError(f"{source}: a URL cannot be edited in place; write the result with -o PATH")
     _check_output(source, destination.output, destination.force)  # before a long download
+
+    def planner_of_copy(checkpoint: Checkpoint) -> EditPlan:
+        plan = planner(checkpoint)
+        plan.source = RemoteLocation(source)  # the URL the user gave, not the temporary copy
+        return plan
+
     with local_copy(source, destination.output.parent, progress) as local:
-        return edit_checkpoint(local, planner, destination, before_write)
+        return edit_checkpoint(local, planner_of_copy, destination, before_write)
 
 
 def output_paths(sources: Sequence[str], folder: Path) -> dict[str, Path]:

@@ -128,6 +128,7 @@ def test_an_edit_reads_the_url_and_writes_locally(run_cli, served, server, tmp_p
     output = tmp_path / "fixed.safetensors"
     result = run_cli("set-forget-bias", f"{url}/model.safetensors", "-o", output, "--json")
     assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["plan"]["source"] == f"{url}/model.safetensors"
     before, after = load_file(served / "model.safetensors"), load_file(output)
     assert before.keys() == after.keys()
     for name in before:
