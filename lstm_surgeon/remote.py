@@ -23,6 +23,7 @@ from lstm_surgeon.errors import CheckpointError, SurgeonError
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 INSTALL_HINT = "pip install 'lstm-surgeon[remote]'"
+EXTRA_PROTOCOLS = frozenset({"http", "https", "hf"})  # what the extra's packages read
 # Small reads (headers, zip records) are fetched in aligned blocks of this size; large reads (a
 # tensor) are kept for a second use, up to MEMO_BYTES.
 BLOCK_BYTES = 1 << 16
@@ -176,12 +177,16 @@ def _filesystem(url: str) -> tuple[Any, str]:
         from fsspec.core import url_to_fs
     except ImportError:
         raise SurgeonError(f"{url}: reading URLs needs fsspec: {INSTALL_HINT}") from None
+    scheme = url.split("://", 1)[0]
     try:
         return url_to_fs(url)
     except ImportError as error:
-        raise SurgeonError(f"{url}: {error.name or error} is missing: {INSTALL_HINT}") from None
+        if scheme.lower() in EXTRA_PROTOCOLS:
+            raise SurgeonError(f"{url}: {scheme}:// URLs need {INSTALL_HINT}") from None
+        raise SurgeonError(
+            f"{url}: reading {scheme}:// URLs needs another package ({error})"
+        ) from None
     except ValueError:
-        scheme = url.split("://", 1)[0]
         raise CheckpointError(
             f"{url}: no installed filesystem reads {scheme}:// URLs ({INSTALL_HINT} gives "
             "http, https and hf)"
