@@ -41,6 +41,7 @@ _EXPORTS = {
     "write_edits": "lstm_surgeon.batch",
     "edit_source": "lstm_surgeon.batch",
     "diff_checkpoints": "lstm_surgeon.diff",
+    "follow_run": "lstm_surgeon.trend",
     "verify_checkpoint": "lstm_surgeon.verify",
     "check_checkpoint": "lstm_surgeon.check",
     "SurgeonError": "lstm_surgeon.errors",

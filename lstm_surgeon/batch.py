@@ -81,11 +81,11 @@ def _size(source: str) -> int:
 
 
 def inspect_each(
-    sources: Iterable[str], layer_globs: Sequence[str] = ()
+    sources: Iterable[str], layer_globs: Sequence[str] = (), histograms: bool = False
 ) -> Iterator[Outcome[Inspection]]:
     def inspect_one(source: str) -> Inspection:
         with open_checkpoint(source) as checkpoint:
-            return inspection.inspect_checkpoint(checkpoint, layer_globs)
+            return inspection.inspect_checkpoint(checkpoint, layer_globs, histograms=histograms)
 
     return each_checkpoint(sources, inspect_one)
 

@@ -125,9 +125,7 @@ class Contents:
     entries: tuple[Entry, ...] = ()
     metadata: dict[str, str] | None = None  # the file's string key/value pairs, if any
     counters: dict[str, int] = field(default_factory=dict)  # epoch, global_step... as plain ints
-    operators: tuple[
-        Operator, ...
-    ] = ()  # recurrent operators of a model graph, if the file has one
+    operators: tuple[Operator, ...] = ()  # a model graph's recurrent operators, if it has any
 
     @property
     def keys(self) -> tuple[str, ...]:

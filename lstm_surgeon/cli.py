@@ -97,6 +97,12 @@ LayerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+HistOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hist", help="Add a histogram of each gate's per-unit bias (one range per table)."
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -232,13 +238,18 @@ def _root(
 
 @app.command()
 @_command
-def inspect(checkpoints: CheckpointsArg, layer: LayerOpt = None, json: JsonOpt = False) -> None:
+def inspect(
+    checkpoints: CheckpointsArg,
+    layer: LayerOpt = None,
+    hist: HistOpt = False,
+    json: JsonOpt = False,
+) -> None:
     """Show every recurrent layer with its gate-sliced biases.
 
     Example:
 
     \b
-    lstm-surgeon inspect model.pt --layer 'encoder*'
+    lstm-surgeon inspect model.pt --layer 'encoder*' --hist
     lstm-surgeon inspect 'runs/*/last.ckpt' --json
     lstm-surgeon inspect https://example.com/model.safetensors
     """
@@ -252,7 +263,9 @@ def inspect(checkpoints: CheckpointsArg, layer: LayerOpt = None, json: JsonOpt =
         out.data(inspection.to_dict())
         return 0
 
-    _report_each(checkpoints, json, lambda sources, out: inspect_each(sources, layer or ()), show)
+    _report_each(
+        checkpoints, json, lambda sources, out: inspect_each(sources, layer or (), hist), show
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -682,6 +695,9 @@ def verify(checkpoints: CheckpointsArg, layer: LayerOpt = None, json: JsonOpt = 
     def show(out: Any, verification: Any) -> int:
         for warning in verification.warnings:
             out.warn(warning)
+        for checked in verification.layers:
+            for note in checked.notes:
+                out.warn(f"{checked.name}: {note}")
         out.show(verification_view(verification))
         out.data(verification.to_dict())
         return 0 if verification.ok else 1
@@ -802,6 +818,7 @@ def diff(
             help="Ignore this key prefix on both sides, e.g. module. or _orig_mod. (repeatable).",
         ),
     ] = None,
+    hist: HistOpt = False,
     match: Annotated[
         list[str] | None,
         typer.Option(
@@ -839,6 +856,7 @@ def diff(
             layer_globs=layer or (),
             strip_prefixes=strip_prefix or (),
             progress=progress,
+            histograms=hist,
             matches=parse_matches(match or ()),
         )
     for warning in result.warnings:
@@ -847,6 +865,59 @@ def diff(
     out.data(result.to_dict())
     if not result.identical:
         raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def trend(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT...", help="The checkpoints of one training run, in any order."
+        ),
+    ],
+    gate: Annotated[
+        list[str] | None,
+        typer.Option("--gate", metavar="NAME", help="Only this gate (repeatable; default all)."),
+    ] = None,
+    layer: LayerOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the trends into FILE.png or FILE.svg (needs lstm-surgeon[plot]).",
+        ),
+    ] = None,
+    plot_size: Annotated[
+        str,
+        typer.Option("--plot-size", metavar="WxH", help="The plot's size in pixels."),
+    ] = "1200x800",
+    json: JsonOpt = False,
+) -> None:
+    """Follow each gate's bias (mean, 10th and 90th percentile) across a training run.
+
+    The run is ordered by the step or epoch the checkpoints store, else by name.
+
+    Example:
+
+    \b
+    lstm-surgeon trend runs/exp1/*.ckpt --gate forget --plot forget.png
+    """
+    from lstm_surgeon.plot import plot_request, write_plot
+    from lstm_surgeon.render_trend import TrendView
+    from lstm_surgeon.trend import follow_run
+
+    out = _output(json)
+    request = None if plot is None else plot_request(plot, plot_size)
+    result = follow_run(checkpoints, gate or (), layer or ())
+    for warning in result.warnings:
+        out.warn(warning)
+    out.show(TrendView(result))
+    if request is not None:
+        write_plot(result, request)
+        out.note(f"plot written to {request.path}")
+    out.data(result.to_dict())
 
 
 def main() -> None:

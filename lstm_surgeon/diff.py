@@ -31,6 +31,7 @@ from lstm_surgeon.discovery import Discovery, discover, select_layers
 from lstm_surgeon.dtypes import DType, widen
 from lstm_surgeon.errors import SurgeonError
 from lstm_surgeon.gates import Gate, effective_bias
+from lstm_surgeon.histogram import Histogram, histograms_over_one_range
 from lstm_surgeon.layers import BIAS_HH, BIAS_IH, BIAS_ROLES, Cell, RecurrentLayer, Region
 from lstm_surgeon.stats import Summary
 
@@ -63,18 +64,28 @@ class GateDiff:
 
 @dataclass(frozen=True)
 class EffectiveBias:
-    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent."""
+    """One gate's effective bias `b_ih + b_hh` in A (before) and B (after); None where absent.
+
+    `histograms` (when asked for) are before's and after's, over one range shared by every gate of
+    the cell, so they can be drawn side by side and compared."""
 
     gate: str
     before: Summary | None
     after: Summary | None
+    histograms: tuple[Histogram | None, Histogram | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        entry = {
             "gate": self.gate,
             "before": None if self.before is None else self.before.to_dict(),
             "after": None if self.after is None else self.after.to_dict(),
         }
+        if self.histograms is not None:
+            entry["histogram"] = {
+                side: None if histogram is None else histogram.to_dict()
+                for side, histogram in zip(("before", "after"), self.histograms, strict=True)
+            }
+        return entry
 
 
 @dataclass(frozen=True)
@@ -216,15 +227,18 @@ class _Recurrent:
 
 def _recurrent_params(
     found: Discovery, prefixes: Sequence[str], globs: Sequence[str]
-) -> dict[str, _Recurrent]:
-    """Every recurrent tensor of the layers that match `globs` (all when none), by compared name."""
-    params: dict[str, _Recurrent] = {}
+) -> dict[str, tuple[_Recurrent, ...]]:
+    """Every recurrent tensor of the layers that match `globs` (all when none), by compared name,
+    with each (role, cell) it holds: one in PyTorch's layout, several where a layout packs
+    directions or both biases into one tensor (ONNX's `B`)."""
+    params: dict[str, tuple[_Recurrent, ...]] = {}
     for layer in found.layers:
         name = strip_key(layer.cells[0].tensors()[0].name, prefixes).rpartition(".")[0]
         if globs and not any(fnmatch.fnmatchcase(n, g) for n in (name, layer.name) for g in globs):
             continue
         for cell in layer.cells:
-            params.update(_cell_params(layer, name, cell, prefixes))
+            for tensor, recurrent in _cell_params(layer, name, cell, prefixes):
+                params[tensor] = (*params.get(tensor, ()), recurrent)
     return params
 
 
@@ -355,7 +369,7 @@ class _Pair:
     name: str
     a: TensorRef
     b: TensorRef
-    info: _Recurrent | None
+    infos: tuple[_Recurrent, ...]  # each (role, cell) the tensor holds; () for other tensors
 
 
 def _compare_pair(
@@ -363,46 +377,55 @@ def _compare_pair(
     sides: tuple[_Side, _Side],
     tol: Tolerance,
     progress: Callable[[int], None] | None = None,
-) -> TensorDiff | None:
-    """The tensor's differences, or None when it is unchanged within tolerance."""
+    histograms: bool = False,
+) -> list[TensorDiff]:
+    """The tensor's differences: one entry per (role, cell) of it that changed, or one for the
+    whole tensor; none when it is unchanged within tolerance."""
     a, b = pair.a, pair.b
     if progress is not None:
         progress(a.nbytes)
     dtype = (a.dtype.name, b.dtype.name) if a.dtype != b.dtype else None
+    first = pair.infos[0] if pair.infos else None
     if a.shape != b.shape:
-        return _tensor_diff(pair, None, (), dtype, (a.shape, b.shape), ())
+        return [_tensor_diff(pair, first, None, (), dtype, (a.shape, b.shape), ())]
     raws = (sides[0].checkpoint.raw(a), sides[1].checkpoint.raw(b))
     dtypes = (a.dtype, b.dtype)
-    regions = pair.info.gate_regions if pair.info is not None else ()
-    if regions:
-        per_gate = [
-            (gate, _compare_flat(_region_flats(raws, region), dtypes, tol))
-            for gate, region in regions
-        ]
-        total = merge_running(running for _, running in per_gate)
-    else:
-        flats = (raws[0].reshape(-1), raws[1].reshape(-1))
-        per_gate, total = [], _compare_flat(flats, dtypes, tol)
-    if not total.changed and dtype is None:
-        return None
-    gate_diffs = tuple(
-        GateDiff(gate.name, running.largest, running.mean, running.changed)
-        for gate, running in per_gate
-    )
-    changed_gates = [gate for gate, running in per_gate if running.changed]
-    effective = _effective(pair.info, sides, changed_gates)
-    return _tensor_diff(pair, total, gate_diffs, dtype, None, effective)
+    per_info = [
+        (
+            info,
+            [(g, _compare_flat(_region_flats(raws, r), dtypes, tol)) for g, r in info.gate_regions],
+        )
+        for info in pair.infos
+    ]
+    compared = [running for _, per_gate in per_info for _, running in per_gate]
+    covered = sum(running.count for running in compared) == a.numel
+    whole = merge_running(compared) if covered else _compare_flat(_flats(raws), dtypes, tol)
+    if not whole.changed and dtype is None:
+        return []
+    diffs = []
+    for info, per_gate in per_info:
+        total = merge_running(running for _, running in per_gate) if per_gate else whole
+        if total.changed or (dtype is not None and info is first):
+            gate_diffs = tuple(GateDiff(g.name, r.largest, r.mean, r.changed) for g, r in per_gate)
+            changed_gates = [gate for gate, running in per_gate if running.changed]
+            effective = _effective(info, sides, changed_gates, histograms)
+            diffs.append(_tensor_diff(pair, info, total, gate_diffs, dtype, None, effective))
+    return diffs or [_tensor_diff(pair, None, whole, (), dtype, None, ())]
+
+
+def _flats(raws: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return raws[0].reshape(-1), raws[1].reshape(-1)
 
 
 def _tensor_diff(
     pair: _Pair,
+    info: _Recurrent | None,
     total: Running | None,
     gate_diffs: tuple[GateDiff, ...],
     dtype: tuple[str, str] | None,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
     effective: tuple[EffectiveBias, ...],
 ) -> TensorDiff:
-    info = pair.info
     return TensorDiff(
         key=pair.name,
         max_abs_diff=None if total is None else total.largest,
@@ -420,19 +443,34 @@ def _tensor_diff(
 
 
 def _effective(
-    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate]
+    info: _Recurrent | None, sides: tuple[_Side, _Side], gates: list[Gate], histograms: bool
 ) -> tuple[EffectiveBias, ...]:
-    """What each changed gate sees before and after, for a changed bias (else nothing)."""
+    """What each changed gate sees before and after, for a changed bias (else nothing); with
+    `histograms`, its distributions over the range of every summing gate of the cell on both sides
+    (the same range for the cell's `b_ih` and `b_hh`, whichever of them changed)."""
     summing = [gate for gate in gates if gate.biases_sum]
     if info is None or info.parameter not in BIAS_ROLES or not summing:
         return ()
+    seen = {
+        gate.name: (_gate_sees(sides[0], info, gate), _gate_sees(sides[1], info, gate))
+        for gate, _ in info.gate_regions
+        if gate.biases_sum
+    }
+    drawn: dict[str, tuple[Histogram | None, Histogram | None]] = {}
+    if histograms:
+        _, flat = histograms_over_one_range([values for pair in seen.values() for values in pair])
+        drawn = dict(zip(seen, zip(flat[0::2], flat[1::2], strict=True), strict=True))
     return tuple(
-        EffectiveBias(gate.name, *(_gate_sees(side, info, gate) for side in sides))
+        EffectiveBias(gate.name, *map(_optional_summary, seen[gate.name]), drawn.get(gate.name))
         for gate in summing
     )
 
 
-def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
+def _optional_summary(values: np.ndarray | None) -> Summary | None:
+    return None if values is None else Summary.of(values)
+
+
+def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> np.ndarray | None:
     """The bias `gate` sees on one side, or None when a bias is missing or reshaped there."""
     values = []
     for region in info.bias_regions[gate.name]:
@@ -443,8 +481,7 @@ def _gate_sees(side: _Side, info: _Recurrent, gate: Gate) -> Summary | None:
         if ref is None or ref.shape != region.tensor.shape:
             return None
         values.append(widen(region.raw_of(side.checkpoint.raw(ref)), ref.dtype))
-    effective = effective_bias(gate, *values)
-    return None if effective is None else Summary.of(effective)
+    return effective_bias(gate, *values)
 
 
 def _check_tolerance(name: str, value: float) -> float:
@@ -467,6 +504,7 @@ def diff_checkpoints(
     layer_globs: Iterable[str] = (),
     strip_prefixes: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
+    histograms: bool = False,
     matches: Sequence[tuple[str, str]] = (),
 ) -> DiffResult:
     """Compare `b` against `a` tensor by tensor (see the module docstring for what "equal" means).
@@ -474,7 +512,8 @@ def diff_checkpoints(
     `layer_globs` restricts the comparison to the tensors of the recurrent layers whose name (with
     or without the stripped prefix) matches a glob, on either side; `strip_prefixes` (`module.`,
     `_orig_mod.`, `state_dict.`) are removed from the front of every name on both sides, so a DDP
-    or Lightning checkpoint can be compared with a plain state dict.
+    or Lightning checkpoint can be compared with a plain state dict. `histograms` adds, for each
+    changed gate bias, the distribution of what the gate sees before and after.
 
     Files whose recurrent layers come from different frameworks (or `matches`, pairs of layer
     names) are compared layer by layer instead (`layer_diff`).
@@ -495,8 +534,8 @@ def diff_checkpoints(
     in_a, in_b = _scope(params, globs, names[0]), _scope(params, globs, names[1])
     shared = [name for name in in_a if name in names[1]]
     sides = (_Side(a, names[0], prefixes), _Side(b, names[1], prefixes))
-    pairs = (_Pair(n, names[0][n], names[1][n], params.get(n)) for n in shared)
-    changed = [d for d in (_compare_pair(p, sides, tol, progress) for p in pairs) if d is not None]
+    pairs = (_Pair(n, names[0][n], names[1][n], params.get(n, ())) for n in shared)
+    changed = [d for p in pairs for d in _compare_pair(p, sides, tol, progress, histograms)]
     return DiffResult(
         a=str(a.path),
         b=str(b.path),
@@ -507,7 +546,7 @@ def diff_checkpoints(
         added=tuple(name for name in in_b if name not in names[0]),
         removed=tuple(name for name in in_a if name not in names[1]),
         changed=tuple(changed),
-        unchanged_count=len(shared) - len(changed),
+        unchanged_count=len(shared) - len({entry.key for entry in changed}),
         warnings=tuple(_warnings(a, found[0]) + _warnings(b, found[1])),
     )
 

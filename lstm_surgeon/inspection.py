@@ -8,6 +8,7 @@ from typing import Any
 
 from lstm_surgeon.checkpoint import Checkpoint
 from lstm_surgeon.discovery import discover, require_selected
+from lstm_surgeon.histogram import CellHistograms, cell_histograms
 from lstm_surgeon.layers import RecurrentLayer
 from lstm_surgeon.stats import CellStats, layer_stats
 
@@ -16,6 +17,7 @@ from lstm_surgeon.stats import CellStats, layer_stats
 class LayerReport:
     layer: RecurrentLayer
     cells: tuple[CellStats, ...]
+    histograms: tuple[CellHistograms, ...] = ()  # one per cell when asked for (`inspect --hist`)
 
     def to_dict(self) -> dict[str, Any]:
         layer = self.layer
@@ -33,8 +35,16 @@ class LayerReport:
             "attributes": layer.attributes,
             "pytorch_differences": list(layer.pytorch_differences),
             "tensors": sorted(layer.tensor_names()),
-            "cells": [cell.to_dict() for cell in self.cells],
+            "cells": [self._cell_dict(index) for index in range(len(self.cells))],
         }
+
+    def _cell_dict(self, index: int) -> dict[str, Any]:
+        """A cell's statistics, each gate with its histograms when they were asked for."""
+        cell = self.cells[index].to_dict()
+        if self.histograms:
+            for gate, histograms in zip(cell["gates"], self.histograms[index].gates, strict=True):
+                gate.update(histograms.to_dict())
+        return cell
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,12 @@ class Inspection:
         }
 
 
-def inspect_checkpoint(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) -> Inspection:
-    """Discover the recurrent layers and compute their gate statistics (reads only bias tensors);
-    globs that match no layer are an error naming the layers there are."""
+def inspect_checkpoint(
+    checkpoint: Checkpoint, layer_globs: Iterable[str] = (), histograms: bool = False
+) -> Inspection:
+    """Discover the recurrent layers and compute their gate statistics, and with `histograms` the
+    distribution of each gate's biases (reads only bias tensors); globs that match no layer are an
+    error naming the layers there are."""
     found = discover(checkpoint)
     selected = require_selected(found.layers, layer_globs)
     recurrent = found.recurrent_tensor_names()
@@ -78,12 +91,19 @@ def inspect_checkpoint(checkpoint: Checkpoint, layer_globs: Iterable[str] = ()) 
         format=checkpoint.format_name,
         size=checkpoint.size,
         tensor_count=len(checkpoint.tensors),
-        layers=tuple(
-            LayerReport(layer, tuple(layer_stats(checkpoint, layer))) for layer in selected
-        ),
+        layers=tuple(_layer_report(checkpoint, layer, histograms) for layer in selected),
         other_tensor_count=len(others),
         other_tensor_bytes=sum(ref.nbytes for ref in others),
         has_optimizer_state=checkpoint.has_optimizer_state,
         metadata=checkpoint.metadata,
         warnings=tuple(checkpoint.warnings + found.warnings),
+    )
+
+
+def _layer_report(checkpoint: Checkpoint, layer: RecurrentLayer, histograms: bool) -> LayerReport:
+    cells = tuple(layer_stats(checkpoint, layer))
+    if not histograms:
+        return LayerReport(layer, cells)
+    return LayerReport(
+        layer, cells, tuple(cell_histograms(checkpoint, layer, cell) for cell in layer.cells)
     )

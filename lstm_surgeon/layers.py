@@ -63,10 +63,16 @@ class Region:
         return part if isinstance(part, tuple) else None
 
     def numpy_index(self) -> tuple[Any, ...]:
-        """The index as numpy takes it (at most one list of positions, so no broadcasting)."""
-        return tuple(
-            slice(part.start, part.stop) if isinstance(part, range) else part for part in self.index
-        )
+        """The index as numpy takes it. With a list of positions, the kept dimensions become an
+        open mesh (`np.ix_`): numpy would otherwise move the list's dimension to the front when a
+        fixed position (an ONNX direction) and the list are separated by a range."""
+        if not any(isinstance(part, tuple) for part in self.index):
+            return tuple(
+                slice(part.start, part.stop) if isinstance(part, range) else part
+                for part in self.index
+            )
+        meshes = iter(np.ix_(*(list(part) for part in self.index if not isinstance(part, int))))
+        return tuple(part if isinstance(part, int) else next(meshes) for part in self.index)
 
     def _moved_axes(self) -> tuple[int, ...]:
         """The positions, in the indexed array, of the unit axis and then the input axis."""

@@ -55,6 +55,10 @@ class Output:
         self.json_mode = json_mode
         self.json_lines = json_lines  # several checkpoints: one compact object per line
         terminal = sys.stdout.isatty()
+        if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+            # A stdout that cannot encode a character (PYTHONIOENCODING=ascii) shows `?` for it
+            # rather than failing the command; histograms switch to ASCII glyphs by themselves.
+            sys.stdout.reconfigure(errors="replace")
         # Not a terminal: tables get a fixed width, and lines of text (notes, titles) are printed
         # whole, never wrapped mid-sentence at that width (soft_wrap).
         self.stdout = Console(

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from lstm_surgeon.histogram import ASCII_LEVELS, BLOCKS, bars
 from lstm_surgeon.output import clean
 
 if TYPE_CHECKING:  # records only: rendering must not import what builds them
@@ -17,7 +19,9 @@ if TYPE_CHECKING:  # records only: rendering must not import what builds them
     from lstm_surgeon.apply import WriteResult
     from lstm_surgeon.check import CheckReport
     from lstm_surgeon.convert import Conversion
+    from lstm_surgeon.histogram import CellHistograms, Histogram, ValueRange
     from lstm_surgeon.inspection import Inspection, LayerReport
+    from lstm_surgeon.layers import RecurrentLayer
     from lstm_surgeon.plan import EditPlan
     from lstm_surgeon.stats import CellStats, GateStats, Summary
     from lstm_surgeon.verify import GateOpening, Verification
@@ -27,6 +31,39 @@ FAMILY_NOTES = {
     "at zero input it shows tanh(b_in + r·b_hn)",
     "RNN": "the nonlinearity (tanh or relu) is not stored in a checkpoint; tanh is shown",
 }
+
+
+SUMMING_NEW_GATE_NOTE = (
+    "new gate: the reset gate applies before the recurrent product, so b_in + b_hn is the "
+    "effective bias (ONNX linear_before_reset=0)"
+)
+
+
+def family_note(layer: RecurrentLayer) -> str | None:
+    """What the gate table cannot say about this kind of cell (a GRU's new gate, an RNN's
+    nonlinearity), as this layer's own gates define it."""
+    family = layer.kind.removesuffix("Cell")
+    if family == "GRU" and all(gate.biases_sum for gate in layer.gates):
+        return SUMMING_NEW_GATE_NOTE
+    return FAMILY_NOTES.get(family)
+
+
+def framework_lines(layer: RecurrentLayer) -> list[Text]:
+    """A layer of another framework: what it stores beyond PyTorch's arguments, and what of it
+    PyTorch's modules cannot compute."""
+    if layer.framework == "pytorch":
+        return []
+    settings = ", ".join(f"{key}={_setting(value)}" for key, value in layer.attributes.items())
+    lines = [Text(clean(f"  {layer.framework}: {settings}"), style="dim")]
+    lines += [
+        Text(clean(f"  PyTorch cannot compute: {difference}"), style="yellow")
+        for difference in layer.pytorch_differences
+    ]
+    return lines
+
+
+def _setting(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def human_size(nbytes: int) -> str:
@@ -79,7 +116,46 @@ def summary_cell(summary: Summary | None) -> str:
     return f"{summary.mean:+.3f} [{summary.min:+.2f}, {summary.max:+.2f}]"
 
 
-def gate_table(report: LayerReport, cell: CellStats) -> Table:
+class HistogramBars:
+    """Histograms drawn as bars, one line each, in block characters; in ASCII when the console
+    cannot encode blocks (`PYTHONIOENCODING=ascii`, a terminal that is not UTF-8). Every line is
+    as wide as its bins, so the rows of a table line up bin for bin."""
+
+    def __init__(self, histograms: tuple[Histogram, ...], peak: int) -> None:
+        self.histograms = histograms
+        self.peak = peak
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        levels = ASCII_LEVELS if options.ascii_only else BLOCKS
+        for histogram in self.histograms:
+            yield Text(bars(histogram.counts, self.peak, levels))
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = max((len(histogram.counts) for histogram in self.histograms), default=0)
+        return Measurement(width, width)
+
+
+def gate_name_lines(name: str, drawn: tuple[tuple[str, Histogram], ...]) -> str:
+    """The gate column beside its histograms: the name, and which bias each line counts where a
+    gate has one histogram per bias (`new b_in` over `    b_hn`)."""
+    labels = [label for label, _ in drawn if label]
+    if not labels:
+        return name
+    return "\n".join(
+        f"{name if index == 0 else ' ' * len(name)} {label}" for index, label in enumerate(labels)
+    )
+
+
+def axis_heading(title: str, value_range: ValueRange, bins: int) -> Text:
+    """A histogram column's heading: its title, and the shared range's ends under the first and
+    last bins."""
+    low, high = (f"{end:+.2f}" for end in value_range)
+    return Text(f"{title}\n{low}{high.rjust(max(1, bins - len(low)))}")
+
+
+def gate_table(
+    report: LayerReport, cell: CellStats, histograms: CellHistograms | None = None
+) -> Table:
     table = Table(
         title=cell_label(report, cell),
         title_justify="left",
@@ -90,8 +166,16 @@ def gate_table(report: LayerReport, cell: CellStats) -> Table:
     for heading in ("b_ih mean [min, max]", "b_hh mean [min, max]", "effective b_ih + b_hh"):
         table.add_column(Text(heading), justify="right", no_wrap=True)
     table.add_column("at zero input", justify="right", no_wrap=True)
-    for gate in cell.gates:
-        table.add_row(gate.gate.name, *gate_row(gate))
+    if histograms is None:
+        for gate in cell.gates:
+            table.add_row(gate.gate.name, *gate_row(gate))
+        return table
+    heading = axis_heading("distribution", histograms.value_range, histograms.bins)
+    table.add_column(heading, no_wrap=True)
+    for gate, drawn in zip(cell.gates, histograms.gates, strict=True):
+        labelled = drawn.drawn()
+        bars_cell = HistogramBars(tuple(histogram for _, histogram in labelled), histograms.peak)
+        table.add_row(gate_name_lines(gate.gate.name, labelled), *gate_row(gate), bars_cell)
     return table
 
 
@@ -114,13 +198,18 @@ def inspection_view(inspection: Inspection) -> RenderableType:
     for report in inspection.layers:
         parts.append(Text())
         parts.append(layer_title(report))
+        parts.extend(framework_lines(report.layer))
         if not report.layer.bias:
             parts.append(
                 Text("  no bias tensors (add them with `lstm-surgeon add-bias`)", style="dim")
             )
             continue
-        parts.extend(gate_table(report, cell) for cell in report.cells)
-        note = FAMILY_NOTES.get(report.layer.kind.removesuffix("Cell"))
+        histograms = report.histograms or (None,) * len(report.cells)
+        parts.extend(
+            gate_table(report, cell, drawn)
+            for cell, drawn in zip(report.cells, histograms, strict=True)
+        )
+        note = family_note(report.layer)
         if note:
             parts.append(Text(f"  {note}", style="dim"))
     if not inspection.layers:
@@ -218,6 +307,8 @@ def verification_view(verification: Verification) -> RenderableType:
         table.add_column(heading)
     for layer in verification.layers:
         openings = _opening_summary(layer.openings)
+        if layer.notes:  # torch cannot build this cell: its own runtime ran it alone
+            openings = f"run by {layer.framework} alone; torch cannot compute it"
         table.add_row(
             Text(clean(layer.name) or "(root)"),
             layer.kind,

@@ -14,8 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from lstm_surgeon.diff import DiffResult, EffectiveBias, TensorDiff
+from lstm_surgeon.histogram import Histogram
 from lstm_surgeon.output import clean
-from lstm_surgeon.render import FAMILY_NOTES, number, summary_cells
+from lstm_surgeon.render import FAMILY_NOTES, HistogramBars, axis_heading, number, summary_cells
 
 
 def magnitude(value: float | None) -> str:
@@ -111,10 +112,18 @@ def _effective_by_cell(changed: tuple[TensorDiff, ...]) -> list[tuple[Text, list
 
 
 def effective_table(title: Text, gates: list[EffectiveBias]) -> Table:
+    """Each changed gate's effective bias before and after, and (`--hist`) both distributions side
+    by side on the cell's one range and one height."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("gate")
     for heading in ("before", "before range", "after", "after range", "Δ mean"):
         table.add_column(heading, justify="right")
+    drawn = [histogram for entry in gates for histogram in entry.histograms or () if histogram]
+    peak = max((max(histogram.counts) for histogram in drawn), default=0) or 1
+    if drawn:
+        for side in ("before", "after"):
+            heading = axis_heading(f"{side} (hist)", drawn[0].value_range, len(drawn[0].counts))
+            table.add_column(heading, no_wrap=True)
     for entry in gates:
         shift = (
             None
@@ -122,8 +131,13 @@ def effective_table(title: Text, gates: list[EffectiveBias]) -> Table:
             else entry.after.mean - entry.before.mean
         )
         cells = [*summary_cells(entry.before), *summary_cells(entry.after), number(shift)]
-        table.add_row(Text(entry.gate), *(Text(cell) for cell in cells))
+        bars = [_bars(histogram, peak) for histogram in entry.histograms or ()] if drawn else []
+        table.add_row(Text(entry.gate), *(Text(cell) for cell in cells), *bars)
     return table
+
+
+def _bars(histogram: Histogram | None, peak: int) -> HistogramBars:
+    return HistogramBars(() if histogram is None else (histogram,), peak)
 
 
 def _changed_gru_new_bias(entry: TensorDiff) -> bool:

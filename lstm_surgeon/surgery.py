@@ -42,6 +42,7 @@ from lstm_surgeon.plan import (
     TensorRemoval,
     edited_copy,
 )
+from lstm_surgeon.sharing import shared_bytes_notes
 from lstm_surgeon.stats import Summary
 from lstm_surgeon.vocabulary import MODES
 
@@ -398,6 +399,7 @@ def _bias_removals(layer: RecurrentLayer) -> list[TensorRemoval]:
 
 def _finish(checkpoint: Checkpoint, plan: EditPlan) -> EditPlan:
     plan.effects = gate_effects(checkpoint, plan)
+    plan.notes += shared_bytes_notes(checkpoint, plan)
     plan.notes += _optimizer_notes(checkpoint, plan)
     return plan
 

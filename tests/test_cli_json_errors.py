@@ -33,6 +33,7 @@ FAILING_RUNS = {
     "zero-bias": ["{missing}", "-o", "{out}"],
     "add-bias": ["{missing}", "-o", "{out}"],
     "zero-input": ["{missing}", "--features", "0", "-o", "{out}"],
+    "trend": ["{zoo}", "{missing}"],
     "convert": ["{missing}", "-o", "{out}"],
     "recover": ["{missing}"],
 }

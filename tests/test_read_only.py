@@ -1,4 +1,4 @@
-"""Reading never writes: `inspect`, `diff`, `check`, `verify` and their library calls open nothing for
+"""Reading never writes: `inspect`, `diff`, `check`, `verify`, `trend` and their library calls open nothing for
 writing, take no lock, and create, rename or delete nothing, even beside a half-edited file.
 
 Two real mechanisms, because tests run as root (who may write a 0o444 file anyway):
@@ -55,10 +55,13 @@ def library(command, path, other):
     from lstm_surgeon.diff import diff_checkpoints
     from lstm_surgeon.formats import open_checkpoint
     from lstm_surgeon.inspection import inspect_checkpoint
+    from lstm_surgeon.trend import follow_run
     from lstm_surgeon.verify import verify_checkpoint
 
     if command == "check":
         return check_checkpoint(path)
+    if command == "trend":
+        return follow_run([path, other])
     with open_checkpoint(path) as checkpoint, open_checkpoint(other) as second:
         if command == "inspect":
             return inspect_checkpoint(checkpoint)
@@ -71,7 +74,7 @@ def run(kind, command, path, other):  # the command's exit code
     if kind == "library":
         result = library(command, Path(path), Path(other))
         return 1 if command == "check" and not result.sound else 0
-    sys.argv = ["lstm-surgeon", *command.split(), path, *([other] if command == "diff" else [])]
+    sys.argv = ["lstm-surgeon", *command.split(), path, *([other] if command in ("diff", "trend") else [])]
     try:
         main()
     except SystemExit as exit:
@@ -93,7 +96,7 @@ for command in commands.split(","):
 os.write(2, ("\nAUDIT " + json.dumps(report) + "\n").encode())
 """
 
-COMMANDS = ["inspect", "diff", "check", "verify"]
+COMMANDS = ["inspect", "diff", "check", "verify", "trend"]
 FILENAMES = ["zoo.pt", "zoo.safetensors"]
 
 
@@ -157,6 +160,7 @@ def test_reading_opens_nothing_for_writing(
         "diff": 0,  # the half-edited file reads as the pristine one
         "check": check_exit,
         "verify": 0,
+        "trend": 0,
     }
 
 

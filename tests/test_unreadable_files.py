@@ -77,10 +77,12 @@ def onnx_lstm_model() -> bytes:
 # --- What the file is ------------------------------------------------------------------------
 
 
-def test_onnx_model(tmp_path):
+def test_onnx_model_is_read_now(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(onnx_lstm_model())
-    assert error_of(path) == f"{path}: an ONNX model (protobuf), {READABLE}"
+    with open_checkpoint(path) as checkpoint:
+        assert checkpoint.format_name == "onnx"
+        assert [op.kind for op in checkpoint.contents.operators] == ["LSTM"]
 
 
 def test_hdf5_file(tmp_path):
@@ -184,19 +186,18 @@ def test_any_bytes_get_an_answer_and_never_an_exception(data):
         "an HDF5 file (such as a Keras .h5 model)",
         "a GGUF file (llama.cpp)",
         "a plain pickle file (pickle.dump)",
-        "an ONNX model (protobuf)",
     }
 
 
 # --- Through the command, with --json ------------------------------------------------------------
 
 
-def test_inspect_names_the_onnx_model_on_stderr_and_in_json(run_cli, tmp_path):
+def test_a_truncated_onnx_model_is_named_on_stderr_and_in_json(run_cli, tmp_path):
     path = tmp_path / "model.onnx"
-    path.write_bytes(onnx_lstm_model())
+    path.write_bytes(onnx_lstm_model()[:-5])
     result = run_cli("inspect", path, "--json")
     line = assert_clean_failure(result.stderr, result.exit_code)
-    assert line == f"lstm-surgeon: error: {path}: an ONNX model (protobuf), {READABLE}"
+    assert line == f"lstm-surgeon: error: {path}: a truncated or malformed ONNX model"
     assert json.loads(result.stdout)["error"]["message"] == line.removeprefix(
         "lstm-surgeon: error: "
     )

@@ -58,9 +58,9 @@ class CheckpointFormat(Protocol):
 
 
 def _formats() -> tuple[CheckpointFormat, ...]:
-    from lstm_surgeon.formats import safetensors_format, torch_zip
+    from lstm_surgeon.formats import onnx_format, safetensors_format, torch_zip
 
-    return (safetensors_format.FORMAT, torch_zip.FORMAT)
+    return (safetensors_format.FORMAT, torch_zip.FORMAT, onnx_format.FORMAT)
 
 
 def format_for_suffix(path: Path) -> CheckpointFormat | None:

@@ -1,8 +1,9 @@
 """Say what a file is when it is not a checkpoint lstm-surgeon reads, judged from its bytes alone.
 
-A user who passes an ONNX model, a Keras `.h5` file or a numpy archive learns more from "an ONNX model"
-than from "not a checkpoint". Only magic numbers and framing are read (the ONNX check walks the top-level
-protobuf fields without decoding them); nothing in the file is executed or unpickled.
+A user who passes a Keras `.h5` file or a numpy archive learns more from "an HDF5 file" than from "not
+a checkpoint". Only magic numbers and framing are read; nothing in the file is executed or unpickled.
+The ONNX tests live here too (they walk the top-level protobuf fields without decoding them): the ONNX
+format module claims a file by them.
 """
 
 from __future__ import annotations
@@ -95,22 +96,33 @@ def is_onnx_model(buffer: Buffer) -> bool:
     return all(ONNX_MODEL_FIELDS.get(number) == wire for number, wire in fields)
 
 
-def _protobuf_fields(buffer: Buffer) -> list[tuple[int, int]] | None:
+def opens_like_onnx_model(head: Buffer) -> bool:
+    """The first bytes of a file open like an ONNX model: ir_version first, then only ModelProto's
+    fields with the right wire types, as far as `head` reaches (the last field may run past it).
+    The whole file is checked by `is_onnx_model` once it is read."""
+    fields = _protobuf_fields(head, partial=True)
+    if not fields or fields[0] != (ONNX_IR_VERSION, 0):
+        return False
+    return all(ONNX_MODEL_FIELDS.get(number) == wire for number, wire in fields)
+
+
+def _protobuf_fields(buffer: Buffer, partial: bool = False) -> list[tuple[int, int]] | None:
     """The (field number, wire type) of each top-level field, or None unless the file is a clean
-    sequence of varint and length-delimited fields that ends exactly where the file does."""
+    sequence of varint and length-delimited fields that ends exactly where the file does (or, if
+    `partial`, where `buffer` ends: a prefix of the file)."""
     fields: list[tuple[int, int]] = []
     position = 0
     while position < len(buffer):
         tag, position = _varint(buffer, position)
         if tag is None or tag & 7 not in (0, 2) or len(fields) == MAX_PROTOBUF_FIELDS:
-            return None
+            return fields if tag is None and partial and position >= len(buffer) else None
+        fields.append((tag >> 3, tag & 7))
         value, position = _varint(buffer, position)
         if value is None:
-            return None
+            return fields if partial and position >= len(buffer) else None
         if tag & 7 == 2:
             position += value
-        fields.append((tag >> 3, tag & 7))
-    return fields if position == len(buffer) else None
+    return fields if position == len(buffer) or (partial and position > len(buffer)) else None
 
 
 def _varint(buffer: Buffer, position: int) -> tuple[int | None, int]:
@@ -132,5 +144,4 @@ SIGNATURES: tuple[tuple[Callable[[Buffer], bool], str], ...] = (
     (is_hdf5, "an HDF5 file (such as a Keras .h5 model)"),
     (starts_with(GGUF_MAGIC), "a GGUF file (llama.cpp)"),
     (is_plain_pickle, "a plain pickle file (pickle.dump)"),
-    (is_onnx_model, "an ONNX model (protobuf)"),
 )

@@ -2,8 +2,8 @@
 
 The `onnx` package parses a model but forgets byte positions; an in-place edit needs them. This walker
 reads the same messages in the same order (initializers, `Constant` values, subgraphs of `If`, `Loop`
-and `Scan`), decodes nothing it does not need, and reports each `TensorProto.raw_data` by its path
-in the model, e.g. `("graph", "initializer", 3)` or
+and `Scan`), decodes nothing it does not need, and reports each `TensorProto.raw_data` (or a packed
+run of `float_data`/`double_data`, whose bytes are laid out the same way) by its path in the model, e.g. `("graph", "initializer", 3)` or
 `("graph", "node", 7, "attribute", 0, "g", "initializer", 0)`.
 """
 
@@ -23,6 +23,7 @@ GRAPH_NODE, GRAPH_INITIALIZER = 1, 5
 NODE_ATTRIBUTE = 5
 ATTRIBUTE_TENSOR, ATTRIBUTE_GRAPH, ATTRIBUTE_TENSORS, ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 TENSOR_RAW_DATA = 9
+PACKED_FLOATS = (4, 10)  # TensorProto.float_data, double_data
 
 Path = tuple[str | int, ...]
 
@@ -135,5 +136,16 @@ def _attribute(
 def _tensor(
     buffer: bytes | memoryview, tensor: Field, path: Path, found: dict[Path, tuple[int, int]]
 ) -> None:
-    for raw in _messages(buffer, tensor.start, tensor.end, TENSOR_RAW_DATA)[-1:]:  # last wins
-        found[path] = (raw.start, raw.end - raw.start)
+    raw = _messages(buffer, tensor.start, tensor.end, TENSOR_RAW_DATA)[-1:]  # last wins
+    for data in raw or _packed_values(buffer, tensor):
+        found[path] = (data.start, data.end - data.start)
+
+
+def _packed_values(buffer: bytes | memoryview, tensor: Field) -> list[Field]:
+    """A tensor's `float_data` or `double_data` when it is one packed run: little-endian IEEE
+    values back to back, laid out as raw_data would be. Values split over several runs (or
+    written unpacked) do not lie in one place, and are not reported."""
+    runs = [f for f in fields(buffer, tensor.start, tensor.end) if f.number in PACKED_FLOATS]
+    if len(runs) == 1 and runs[0].wire_type == LENGTH:
+        return runs
+    return []

@@ -49,9 +49,9 @@ class Layout(Protocol):
 
 
 def _layouts() -> tuple[Layout, ...]:
-    from lstm_surgeon.layouts import pytorch
+    from lstm_surgeon.layouts import onnx, pytorch
 
-    return (pytorch.LAYOUT,)
+    return (pytorch.LAYOUT, onnx.LAYOUT)
 
 
 def layout_for(framework: str) -> Layout:

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from lstm_surgeon.checkpoint import Checkpoint
     from lstm_surgeon.layers import RecurrentLayer
 
-RUNTIMES: dict[str, str] = {}  # framework -> module that runs its layers
+RUNTIMES: dict[str, str] = {  # framework -> module that runs its layers
+    "onnx": "lstm_surgeon.runtimes.onnx",
+}
 
 
 class Runtime(Protocol):
@@ -30,6 +32,10 @@ class Runtime(Protocol):
     ) -> float:
         """Run the layer on `inputs` (sequence-first, float32, as torch's module took them) and
         return the largest |difference| from `expected`, the torch module's output sequence."""
+
+    def run(self, checkpoint: Checkpoint, layer: RecurrentLayer, inputs: np.ndarray) -> np.ndarray:
+        """The layer's output sequence for `inputs`, laid out as torch's module lays it out (for
+        a layer torch cannot compute, the runtime alone checks it runs and stays finite)."""
 
 
 def runtime_for(framework: str) -> Any | None:
