@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+from range_server import serve  # the HTTP server the remote-read tests use
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 MANIFEST = DATA / "manifest.json"
@@ -45,6 +48,7 @@ SURGEON = str(Path(sys.executable).parent / "lstm-surgeon")
 MB = 1_000_000
 MIB = 1 << 20
 SMALL_MB = 1
+MANY = 500  # small checkpoints inspected in one call
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 RSS_SOURCE = (
     "GNU time %M (the command's own peak)"
@@ -281,18 +285,25 @@ class Command:
     argv: Callable[[int], list[str]]
     setup: Callable[[], None] | None = None  # untimed, before every run
     warmup: bool = True
+    server: Any = None  # a range_server.ServerState: count the bytes this command fetched over HTTP
+    budget: int = 0  # the most bytes a remote command may fetch (its goal)
     runs: int = 0
     walls: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
+    served: list[int] = field(default_factory=list)
 
     def run(self, timed: bool) -> None:
         if self.setup is not None:
             self.setup()
+        if self.server is not None:
+            self.server.bytes_sent = 0
         wall, rss = run_once(self.argv(self.runs))
         self.runs += 1
         if timed:
             self.walls.append(wall)
             self.rss.append(rss)
+            if self.server is not None:
+                self.served.append(self.server.bytes_sent)
 
     @property
     def wall(self) -> float:
@@ -310,6 +321,7 @@ class Command:
             "peak_rss_mib": self.rss,
             "median_wall_s": self.wall,
             "median_peak_rss_mib": self.peak,
+            **({"bytes_served": self.served, "byte_budget": self.budget} if self.served else {}),
         }
 
 
@@ -358,6 +370,34 @@ def unlink_and_sync(*paths: Path) -> Callable[[], None]:
     return setup
 
 
+def remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remote_budget(path: Path) -> int:
+    """What `inspect` of a remote .safetensors may fetch: its header, the recurrent tensors (as
+    `inspect --json` names them, sized by the header's offsets) and 1 MB."""
+    result = subprocess.run(
+        [SURGEON, "inspect", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        check=True,
+    )
+    recurrent = {name for layer in json.loads(result.stdout)["layers"] for name in layer["tensors"]}
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    tensor_bytes = sum(
+        header[name]["data_offsets"][1] - header[name]["data_offsets"][0] for name in recurrent
+    )
+    return 8 + length + tensor_bytes + MB
+
+
 def sanity_check_edit(argv: list[str]) -> None:
     """The edit must be a same-structure patch (not a torch rewrite), else the numbers lie."""
     result = subprocess.run(
@@ -380,16 +420,20 @@ class Goal:
     numerator: str
     denominator: str | None  # None: an absolute figure (peak RSS in MB)
     limit: float
-    metric: str = "wall"  # or "rss"
+    metric: str = "wall"  # or "rss", or "bytes" (most bytes fetched over HTTP / the budget)
 
     def measured(self, commands: dict[str, Command]) -> float:
         top = commands[self.numerator]
+        if self.metric == "bytes":
+            return max(top.served) / top.budget
         value = top.wall if self.metric == "wall" else top.peak * MIB / MB
         if self.denominator is None:
             return value
         return value / commands[self.denominator].wall
 
     def shown(self, value: float) -> tuple[str, str]:
+        if self.metric == "bytes":
+            return f"{value:.3f} of the budget", f"<= {self.limit:g}"
         if self.denominator is None:
             return f"{value:.1f} MB", f"<= {self.limit:g} MB"
         return f"{value:.2f}", f"<= {self.limit:g}"
@@ -442,6 +486,25 @@ def goals(big: str = "1 GB") -> list[Goal]:
         )
     )
     found.append(Goal("`lstm-surgeon --help` / `python -c pass`", "help", "python-pass", 3))
+    found.append(
+        Goal(
+            f"bytes fetched by `inspect` of a remote {big} .safetensors over HTTP / "
+            "(header + recurrent tensors + 1 MB)",
+            "inspect-remote-st",
+            None,
+            1.0,
+            "bytes",
+        )
+    )
+    for fmt, name in (("pt", ".pt"), ("st", ".safetensors")):
+        found.append(
+            Goal(
+                f"`inspect` of {MANY} small {name} in one call / of one",
+                f"inspect-many-{fmt}",
+                f"inspect-one-{fmt}",
+                20,
+            )
+        )
     return found
 
 
@@ -601,8 +664,51 @@ def benchmark(args: argparse.Namespace) -> int:
             )
         ]
         measure_group("naive baseline (context)", group, [files[("big", "pt")]], args.repeat)
+
+        # 6. Many checkpoints in one call: MANY hard links to the 1 MB files (a run's checkpoints).
+        folder = Path(tempfile.mkdtemp(prefix="many-", dir=DATA))
+        work.append(folder)
+        group = []
+        for fmt in ("pt", "st"):
+            small_file = files[("small", fmt)]
+            for index in range(MANY):
+                os.link(small_file, folder / f"{index:03d}{suffix_of[fmt]}")
+            pattern = str(folder / f"*{suffix_of[fmt]}")
+            group += [
+                add(
+                    Command(
+                        f"inspect-many-{fmt}",
+                        f"inspect '*{suffix_of[fmt]}' ({MANY} files of 1 MB)",
+                        fixed(SURGEON, "inspect", pattern, "--json"),
+                    )
+                ),
+                add(
+                    Command(
+                        f"inspect-one-{fmt}",
+                        f"inspect {small_file.name} --json",
+                        fixed(SURGEON, "inspect", small_file, "--json"),
+                    )
+                ),
+            ]
+        measure_group(f"{MANY} checkpoints in one call vs one", group, [], args.repeat)
+
+        # 7. inspect over HTTP (a range-honouring server on 127.0.0.1): the bytes it fetches.
+        big_st = files[("big", "st")]
+        with serve(DATA) as (url, state):
+            group = [
+                add(
+                    Command(
+                        "inspect-remote-st",
+                        f"inspect {url}/{big_st.name}",
+                        fixed(SURGEON, "inspect", f"{url}/{big_st.name}"),
+                        server=state,
+                        budget=remote_budget(big_st),
+                    )
+                )
+            ]
+            measure_group("inspect of a remote .safetensors over HTTP", group, [], args.repeat)
     finally:
-        unlink(*work)()
+        remove(work)
         if not args.keep:
             unlink(*(DATA / f"{big}{suffix}" for suffix in (".pt", ".safetensors")))()
             single, folder = sharded_paths(args.size_mb)

@@ -51,12 +51,13 @@ def check_checkpoint(
     Checking only reads. A file whose in-place edit was interrupted is a problem (other programs
     read the bytes on disk, which may be half edited); the rest of the report describes the
     checkpoint the rollback restores, or, when the journal no longer fits, the bytes on disk."""
-    folder = folder_format(path)
+    local = isinstance(path, Path)  # not a URL (`remote.RemoteLocation`)
+    folder = folder_format(path) if local else None
     if folder is not None:
         structure = folder.structure_problems(path)
         if structure:  # the files disagree, so they cannot be opened as one checkpoint
             return CheckReport(str(path), folder.name, structure)
-    elif not path.is_file():
+    elif local and not path.is_file():
         open_checkpoint(path)  # raises the same clear error every command gives
     problems = []
     try:

@@ -15,7 +15,7 @@ import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -148,7 +148,32 @@ def _one_optimizer_state(value: Any) -> bool:
     return isinstance(value, Mapping) and "state" in value and "param_groups" in value
 
 
-Buffer = mmap.mmap | bytes
+class LazyBuffer(Protocol):
+    """A file's bytes fetched when sliced (a remote file): what the format readers may use of a
+    buffer besides a memory map's buffer protocol. Slices give `bytes`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+
+    def rfind(self, sub: bytes, start: int = 0, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+Buffer = mmap.mmap | bytes | LazyBuffer
+
+
+def is_mapped(buffer: Buffer | bytearray) -> bool:
+    """True when the buffer's bytes can be viewed in place (a memory map or bytes in memory)."""
+    return isinstance(buffer, (mmap.mmap, bytes, bytearray))
+
+
+def byte_range(buffer: Buffer, offset: int, nbytes: int) -> bytes | memoryview:
+    """The bytes at [offset, offset + nbytes): a view of a map (no copy), a fetch of a lazy one."""
+    if is_mapped(buffer):
+        return memoryview(buffer)[offset : offset + nbytes]
+    return buffer[offset : offset + nbytes]
 
 
 @dataclass(frozen=True)
@@ -261,15 +286,21 @@ def close_buffer(buffer: Buffer) -> None:
     if isinstance(buffer, mmap.mmap):
         with contextlib.suppress(BufferError):
             buffer.close()
+    elif not is_mapped(buffer):
+        buffer.close()
 
 
 def tensor_view(buffer: Buffer | bytearray, ref: TensorRef) -> np.ndarray:
-    """A numpy view of `ref`'s elements inside `buffer` (writeable when the buffer is)."""
+    """A numpy view of `ref`'s elements inside `buffer` (writeable when the buffer is); a lazy
+    buffer fetches the tensor's storage, and only that."""
+    offset = ref.storage.offset
+    if not is_mapped(buffer):
+        buffer, offset = byte_range(buffer, offset, ref.storage.nbytes), 0
     storage = np.frombuffer(
         buffer,
         dtype=ref.dtype.storage,
         count=ref.storage.nbytes // ref.dtype.itemsize,
-        offset=ref.storage.offset,
+        offset=offset,
     )
     if ref.is_contiguous:
         return storage[ref.element_offset : ref.element_offset + ref.numel].reshape(ref.shape)

@@ -21,7 +21,7 @@ from typer._click.exceptions import UsageError  # typer bundles click and names 
 from typer.core import TyperGroup
 
 from lstm_surgeon import __version__
-from lstm_surgeon.errors import EditError, Interrupted, SurgeonError
+from lstm_surgeon.errors import EditError, Interrupted, OutputError, SurgeonError
 from lstm_surgeon.vocabulary import Direction, Mode, RecurrentActivation
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,6 +83,15 @@ CheckpointArg = Annotated[
         "sharded (index.json) or DCP.",
     ),
 ]
+CheckpointsArg = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="CHECKPOINT...",
+        help="A .pt (torch.save) or .safetensors file, several, a quoted glob ('runs/*/last.ckpt'), "
+        "or a URL (https://, hf://, any installed fsspec protocol).",
+        show_default=False,
+    ),
+]
 LayerOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -111,7 +120,11 @@ HistOpt = Annotated[
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
-        "--output", "-o", metavar="PATH", help="Write the result here (suffix picks the format)."
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="Write the result here (suffix picks the format); with several checkpoints, a folder "
+        "(outputs named like the inputs).",
     ),
 ]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Edit the checkpoint itself.")]
@@ -157,11 +170,39 @@ DropOptimizerOpt = Annotated[
 ]
 
 
-def _output(json_mode: bool = False) -> Any:
+def _output(json_mode: bool = False, json_lines: bool = False) -> Any:
     """The output sink (rich is imported only when a command runs, not for --help)."""
     from lstm_surgeon.output import Output
 
-    return Output(json_mode)
+    return Output(json_mode, json_lines)
+
+
+def _report_each(
+    arguments: list[str],
+    json_mode: bool,
+    run: Callable[[list[str], Any], Iterator[Any]],
+    show: Callable[[Any, Any], int],
+) -> None:
+    """Run a read-only command over every checkpoint the arguments name and show each result
+    (`show` returns its exit code). One checkpoint reports exactly as it always has; among
+    several, --json prints one object per line, and a failed checkpoint is reported (its error
+    object names it) without stopping the others; the exit code is the worst one seen."""
+    from lstm_surgeon.batch import expand_sources
+
+    sources = expand_sources(arguments)
+    several = len(sources) > 1
+    out = _output(json_mode, json_lines=several)
+    worst = 0
+    for outcome in run(sources, out):
+        if outcome.error is not None and not several:
+            raise outcome.error
+        if outcome.error is not None:
+            out.error(str(outcome.error), outcome.error.exit_code, outcome.source)
+            worst = max(worst, outcome.error.exit_code)
+        else:
+            worst = max(worst, show(out, outcome.value))
+    if worst:
+        raise typer.Exit(worst)
 
 
 def _command(function: F) -> F:
@@ -220,7 +261,7 @@ def _root(
 @app.command()
 @_command
 def inspect(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     layer: LayerOpt = None,
     hist: HistOpt = False,
     rename: RenameOpt = None,
@@ -232,25 +273,29 @@ def inspect(
 
     \b
     lstm-surgeon inspect model.pt --layer 'encoder*' --hist
+    lstm-surgeon inspect 'runs/*/last.ckpt' --json
+    lstm-surgeon inspect https://example.com/model.safetensors
     """
-    from lstm_surgeon.discovery import discover
-    from lstm_surgeon.formats import open_checkpoint
-    from lstm_surgeon.inspection import inspect_checkpoint
-    from lstm_surgeon.renames import parse_renames, rename_hint, renamed
+    from lstm_surgeon.batch import inspect_each
+    from lstm_surgeon.renames import parse_renames
     from lstm_surgeon.render import inspection_view
 
-    out = _output(json)
+    def show(out: Any, inspection: Any) -> int:
+        for warning in inspection.warnings:
+            out.warn(warning)
+        for hint in inspection.hints:
+            out.note(hint)
+        out.show(inspection_view(inspection))
+        out.data(inspection.to_dict())
+        return 0
+
     rules = parse_renames(rename or ())
-    with open_checkpoint(checkpoint) as opened:
-        view = renamed(opened, rules)
-        inspection = inspect_checkpoint(view, layer or (), histograms=hist)
-        hint = None if inspection.layers else rename_hint(view, discover(view))
-    for warning in inspection.warnings:
-        out.warn(warning)
-    if hint is not None:
-        out.note(hint)
-    out.show(inspection_view(inspection))
-    out.data(inspection.to_dict())
+    _report_each(
+        checkpoints,
+        json,
+        lambda sources, out: inspect_each(sources, layer or (), hist, rules),
+        show,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,14 +322,37 @@ def _selection(
     return Selection(tuple(layer or ()), tuple(sublayer or ()), (direction,) if direction else ())
 
 
-def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions) -> None:
-    """Plan, preview, confirm and write one edit (the flow every editing command shares)."""
-    from lstm_surgeon.apply import Destination, edit_checkpoint
+def _edit(arguments: list[str], planner: Callable[[Any], Any], options: EditOptions) -> None:
+    """Plan, preview, confirm and write (the flow every editing command shares): one checkpoint,
+    or several (`-o FOLDER` or `--in-place`), every one planned before any is written."""
+    from lstm_surgeon.batch import expand_sources
     from lstm_surgeon.renames import parse_renames, with_renames
-    from lstm_surgeon.render import plan_view, result_line
+
+    sources = expand_sources(arguments)
+    planner = with_renames(planner, parse_renames(options.rename or ()))
+    into_folder = options.output is not None and options.output.is_dir()
+    if len(sources) == 1 and not into_folder:
+        _edit_one(sources[0], planner, options)
+    else:
+        _edit_many(sources, planner, options)
+
+
+def _show_plan(out: Any, plan: Any) -> None:
+    from lstm_surgeon.render import plan_view
+
+    for skipped in plan.skipped:
+        out.note(f"skipped {skipped}")
+    for note in plan.notes:
+        out.warn(note)
+    out.show(plan_view(plan))
+
+
+def _edit_one(source: str, planner: Callable[[Any], Any], options: EditOptions) -> None:
+    from lstm_surgeon.apply import Destination
+    from lstm_surgeon.batch import edit_source, total_bytes
+    from lstm_surgeon.render import result_line
 
     out = _output(options.json)
-    planner = with_renames(planner, parse_renames(options.rename or ()))
     destination = None
     if not options.dry_run:
         destination = Destination(
@@ -292,47 +360,106 @@ def _edit(checkpoint: Path, planner: Callable[[Any], Any], options: EditOptions)
         )
 
     def preview(plan: Any) -> bool:
-        for skipped in plan.skipped:
-            out.note(f"skipped {skipped}")
-        for note in plan.notes:
-            out.warn(note)
-        out.show(plan_view(plan))
-        return _confirmed(options, plan)
+        _show_plan(out, plan)
+        return _confirmed(options, [plan], str(options.output))
 
-    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
-    with out.progress("copying", size) as progress:
-        plan, result = edit_checkpoint(checkpoint, planner, destination, preview, progress)
+    with out.progress("copying", total_bytes([source])) as progress:
+        plan, result = edit_source(source, planner, destination, preview, progress)
     if options.dry_run:
         preview(plan)
         out.note("dry run: nothing written")
     elif result is not None:
         out.show(result_line(result))
-    out.data(
-        {
-            "dry_run": options.dry_run,
-            "plan": plan.to_dict(),
-            "result": None if result is None else result.to_dict(),
-        }
-    )
+    out.data(_edit_document(options, plan, result))
     if destination is not None and result is None:
         out.note("nothing written")
         raise typer.Exit(1)
 
 
-def _confirmed(options: EditOptions, plan: Any) -> bool:
+def _edit_document(options: EditOptions, plan: Any, result: Any) -> dict[str, Any]:
+    return {
+        "dry_run": options.dry_run,
+        "plan": plan.to_dict(),
+        "result": None if result is None else result.to_dict(),
+    }
+
+
+def _edit_many(sources: list[str], planner: Callable[[Any], Any], options: EditOptions) -> None:
+    """Several checkpoints: plan them all (reading only), stop before writing if any fails, ask
+    once, then write each. Each JSON line is the object one checkpoint gives (its plan names its
+    source)."""
+    from lstm_surgeon.batch import plan_edits, total_bytes, write_edits
+    from lstm_surgeon.render import result_line
+
+    out = _output(options.json, json_lines=True)
+    destinations = None if options.dry_run else _destinations(sources, options)
+    planned = plan_edits(sources, planner, destinations)
+    for outcome in planned:
+        if outcome.error is not None:
+            out.error(str(outcome.error), outcome.error.exit_code, outcome.source)
+        else:
+            out.show(f"{outcome.source}:")
+            _show_plan(out, outcome.value)
+    if any(outcome.error is not None for outcome in planned):
+        out.note("nothing written")
+        raise typer.Exit(2)
+    if destinations is None:
+        for outcome in planned:
+            out.data(_edit_document(options, outcome.value, None))
+        out.note("dry run: nothing written")
+        return
+    if not _confirmed(options, [outcome.value for outcome in planned], str(options.output)):
+        out.note("nothing written")
+        raise typer.Exit(1)
+    worst = 0
+    with out.progress("copying", total_bytes(sources)) as progress:
+        for outcome in write_edits(sources, planner, destinations, progress):
+            if outcome.error is not None:
+                out.error(str(outcome.error), outcome.error.exit_code, outcome.source)
+                worst = max(worst, outcome.error.exit_code)
+                continue
+            plan, result = outcome.value
+            out.show(result_line(result))
+            out.data(_edit_document(options, plan, result))
+    if worst:
+        raise typer.Exit(worst)
+
+
+def _destinations(sources: list[str], options: EditOptions) -> dict[str, Any]:
+    """Each checkpoint's destination: itself (--in-place), or its place in the -o folder."""
+    from lstm_surgeon.apply import Destination
+    from lstm_surgeon.batch import output_paths
+
+    if options.in_place == (options.output is not None):
+        raise OutputError("give exactly one of -o/--output FOLDER and --in-place")
+    outputs = output_paths(sources, options.output) if options.output is not None else {}
+    return {
+        source: Destination(
+            outputs.get(source), options.in_place, options.force, options.backup, options.fsync
+        )
+        for source in sources
+    }
+
+
+def _confirmed(options: EditOptions, plans: list[Any], target: str) -> bool:
     """Ask before writing only when a person is there to answer (a terminal, no --yes, no --json)."""
     if options.yes or options.dry_run or options.json or not sys.stdin.isatty():
         return True
-    if not plan.changes_anything and options.in_place:
+    if options.in_place and not any(plan.changes_anything for plan in plans):
         return True
-    target = "the checkpoint in place" if options.in_place else str(options.output)
+    if options.in_place:
+        target = (
+            "the checkpoint in place" if len(plans) == 1 else f"{len(plans)} checkpoints in place"
+        )
+    elif len(plans) > 1:
+        target = f"{len(plans)} checkpoints into {target}"
     return typer.confirm(f"Write {target}?", default=True, err=True)
 
 
 @app.command("set-forget-bias")
 @_command
 def set_forget_bias(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     value: Annotated[
         float | None, typer.Option("--value", help="The forget-gate bias V [default: 1].")
     ] = None,
@@ -387,13 +514,13 @@ def set_forget_bias(
         fsync=fsync,
         rename=rename,
     )
-    _edit(checkpoint, planner, options)
+    _edit(checkpoints, planner, options)
 
 
 @app.command("set-gate-bias")
 @_command
 def set_gate_bias(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     gate: Annotated[
         str,
         typer.Option(
@@ -440,7 +567,7 @@ def set_gate_bias(
         rename=rename,
     )
     _edit(
-        checkpoint,
+        checkpoints,
         lambda ck: plan_set_gate_bias(ck, gate, value, mode, selection),
         options,
     )
@@ -449,7 +576,7 @@ def set_gate_bias(
 @app.command("zero-bias")
 @_command
 def zero_bias(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     gate: Annotated[
         list[str] | None,
         typer.Option("--gate", metavar="NAME", help="Only this gate (repeatable; default all)."),
@@ -493,7 +620,7 @@ def zero_bias(
         rename=rename,
     )
     _edit(
-        checkpoint,
+        checkpoints,
         lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
         options,
     )
@@ -502,7 +629,7 @@ def zero_bias(
 @app.command("add-bias")
 @_command
 def add_bias(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     drop_optimizer_state: DropOptimizerOpt = False,
     layer: LayerOpt = None,
     output: OutputOpt = None,
@@ -537,7 +664,7 @@ def add_bias(
         rename=rename,
     )
     _edit(
-        checkpoint,
+        checkpoints,
         lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
         options,
     )
@@ -546,7 +673,7 @@ def add_bias(
 @app.command("zero-input")
 @_command
 def zero_input(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     features: Annotated[
         str,
         typer.Option(
@@ -588,7 +715,7 @@ def zero_input(
         rename=rename,
     )
     _edit(
-        checkpoint,
+        checkpoints,
         lambda ck: plan_zero_input(ck, indices, selection),
         options,
     )
@@ -597,7 +724,7 @@ def zero_input(
 @app.command()
 @_command
 def verify(
-    checkpoint: CheckpointArg,
+    checkpoints: CheckpointsArg,
     layer: LayerOpt = None,
     rename: RenameOpt = None,
     json: JsonOpt = False,
@@ -609,28 +736,29 @@ def verify(
 
     \b
     lstm-surgeon verify fixed.pt
+    lstm-surgeon verify 'runs/*/last.ckpt'
     """
-    from lstm_surgeon.formats import open_checkpoint
-    from lstm_surgeon.formats.keras_weights import assume_recurrent_activation
-    from lstm_surgeon.renames import parse_renames, renamed
+    from lstm_surgeon.batch import verify_each
+    from lstm_surgeon.renames import parse_renames
     from lstm_surgeon.render import verification_view
-    from lstm_surgeon.verify import verify_checkpoint
 
-    out = _output(json)
+    def show(out: Any, verification: Any) -> int:
+        for warning in verification.warnings:
+            out.warn(warning)
+        for checked in verification.layers:
+            for note in checked.notes:
+                out.warn(f"{checked.name}: {note}")
+        out.show(verification_view(verification))
+        out.data(verification.to_dict())
+        return 0 if verification.ok else 1
+
     rules = parse_renames(rename or ())
-    with open_checkpoint(checkpoint) as opened:
-        if recurrent_activation is not None:
-            assume_recurrent_activation(opened, recurrent_activation)
-        verification = verify_checkpoint(renamed(opened, rules), layer or ())
-    for warning in verification.warnings:
-        out.warn(warning)
-    for checked in verification.layers:
-        for note in checked.notes:
-            out.warn(f"{checked.name}: {note}")
-    out.show(verification_view(verification))
-    out.data(verification.to_dict())
-    if not verification.ok:
-        raise typer.Exit(1)
+    _report_each(
+        checkpoints,
+        json,
+        lambda sources, out: verify_each(sources, layer or (), rules, recurrent_activation),
+        show,
+    )
 
 
 @app.command()
@@ -708,34 +836,42 @@ def recover(
 
 @app.command()
 @_command
-def check(checkpoint: CheckpointArg, rename: RenameOpt = None, json: JsonOpt = False) -> None:
+def check(checkpoints: CheckpointsArg, rename: RenameOpt = None, json: JsonOpt = False) -> None:
     """Check structure, every zip CRC-32, header rules and NaN/Inf; exit 1 if anything is wrong.
 
     Example:
 
     \b
     lstm-surgeon check downloaded.pt
+    lstm-surgeon check 'runs/*/last.ckpt' https://example.com/model.safetensors
     """
-    from lstm_surgeon.check import check_checkpoint
+    from lstm_surgeon.batch import check_each, total_bytes
     from lstm_surgeon.renames import parse_renames
     from lstm_surgeon.render import check_view
 
-    out = _output(json)
     rules = parse_renames(rename or ())
-    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
-    with out.progress("checking", size) as progress:
-        report = check_checkpoint(checkpoint, progress, rules)
-    out.show(check_view(report))
-    out.data(report.to_dict())
-    if not report.sound:
-        raise typer.Exit(1)
+
+    def run(sources: list[str], out: Any) -> Iterator[Any]:
+        with out.progress("checking", total_bytes(sources)) as progress:
+            yield from check_each(sources, progress, rules)
+
+    def show(out: Any, report: Any) -> int:
+        out.show(check_view(report))
+        out.data(report.to_dict())
+        return 0 if report.sound else 1
+
+    _report_each(checkpoints, json, run, show)
 
 
 @app.command()
 @_command
 def diff(
-    a: Annotated[Path, typer.Argument(metavar="A", help="The first checkpoint (any format).")],
-    b: Annotated[Path, typer.Argument(metavar="B", help="The second checkpoint (any format).")],
+    a: Annotated[
+        str, typer.Argument(metavar="A", help="The first checkpoint (any format; a path or URL).")
+    ],
+    b: Annotated[
+        str, typer.Argument(metavar="B", help="The second checkpoint (any format; a path or URL).")
+    ],
     layer: LayerOpt = None,
     atol: Annotated[
         float,

@@ -61,6 +61,7 @@ class Inspection:
     has_optimizer_state: bool
     metadata: dict[str, str] | None
     warnings: tuple[str, ...] = field(default=())
+    hints: tuple[str, ...] = field(default=())  # what the user may try (on stderr, not in JSON)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -51,8 +51,9 @@ def json_safe(value: Any) -> Any:
 class Output:
     """Where a command's results go: rich renderables for people, or one JSON document."""
 
-    def __init__(self, json_mode: bool = False) -> None:
+    def __init__(self, json_mode: bool = False, json_lines: bool = False) -> None:
         self.json_mode = json_mode
+        self.json_lines = json_lines  # several checkpoints: one compact object per line
         terminal = sys.stdout.isatty()
         if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
             # A stdout that cannot encode a character (PYTHONIOENCODING=ascii) shows `?` for it
@@ -74,7 +75,9 @@ class Output:
     def data(self, document: dict[str, Any]) -> None:
         """Print the JSON document (JSON mode only)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+            indent = None if self.json_lines else 2
+            text = json.dumps(json_safe(document), indent=indent, allow_nan=False)
+            sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
     @contextlib.contextmanager
@@ -112,12 +115,16 @@ class Output:
     def note(self, message: str) -> None:
         self.stderr.print(Text(clean(message), style="dim"))
 
-    def error(self, message: str, exit_code: int) -> None:
+    def error(self, message: str, exit_code: int, path: str | None = None) -> None:
         """The one error line on stderr, and in JSON mode the error object on stdout."""
         self.stderr.print(Text(f"lstm-surgeon: error: {clean(message)}", style="red"))
-        self.error_document(message, exit_code)
+        self.error_document(message, exit_code, path)
 
-    def error_document(self, message: str, exit_code: int) -> None:
+    def error_document(self, message: str, exit_code: int, path: str | None = None) -> None:
         """In JSON mode, `{"error": {"message": ..., "exit_code": ...}}` on stdout: a failed run
-        still gives a script that parses stdout one object, with the code the process exits with."""
-        self.data({"error": {"message": message, "exit_code": exit_code}})
+        still gives a script that parses stdout one object, with the code the process exits with.
+        Among several checkpoints, the object also names the checkpoint (`path`) that failed."""
+        error: dict[str, Any] = {"message": message, "exit_code": exit_code}
+        if path is not None:
+            error["path"] = path
+        self.data({"error": error})

@@ -39,7 +39,7 @@ class CheckpointFormat(Protocol):
     def sniff(self, head: bytes) -> bool:
         """True when the file's first bytes say it is of this format."""
 
-    def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
+    def read(self, path: Path, buffer: Buffer) -> Checkpoint:
         """Parse and validate the file's structure; read no tensor data beyond what that needs."""
 
     def checksum_patches(
@@ -165,7 +165,7 @@ def open_checkpoint_files(
 
     The journals beside every file are read together, so an interrupted edit of several files
     reads as all old even when it was killed while removing its journals."""
-    paths = [Path(path) for path in paths]
+    paths = [_location(path) for path in paths]
     if not paths:
         raise CheckpointError("no checkpoint file given")
     if len(paths) == 1 and (folder := folder_format(paths[0])) is not None:
@@ -180,6 +180,13 @@ def open_checkpoint_files(
         for part in parts:
             part.close()
         raise
+
+
+def _location(path: str | os.PathLike[str]) -> Path:
+    """A local path, or a URL kept whole (`remote.RemoteLocation`), read by range requests."""
+    from lstm_surgeon.remote import RemoteLocation, is_url
+
+    return RemoteLocation(path) if is_url(path) else Path(path)  # type: ignore[return-value]
 
 
 def join_checkpoints(parts: Sequence[Checkpoint]) -> Checkpoint:
@@ -231,6 +238,8 @@ def _require_distinct(parts: Sequence[Checkpoint]) -> None:
     counted twice."""
     seen: set[tuple[int, int]] = set()
     for part in parts:
+        if not isinstance(part.path, Path):
+            raise CheckpointError(f"{part.path}: a URL is read as a checkpoint of its own")
         info = os.stat(part.path)
         if (info.st_dev, info.st_ino) in seen:
             raise CheckpointError(f"{part.path}: is given twice")
@@ -242,7 +251,8 @@ def _journal_entries(paths: list[Path]) -> tuple[JournalEntry, ...]:
     edited with it)."""
     from lstm_surgeon.writing import read_journal
 
-    return tuple(entry for path in paths for entry in read_journal(path) or ())
+    local = [path for path in paths if isinstance(path, Path)]  # a URL has no journal beside it
+    return tuple(entry for path in local for entry in read_journal(path) or ())
 
 
 def map_files(paths: Sequence[Path], *, ignore_journal: bool = False) -> tuple[CheckpointFile, ...]:
@@ -266,7 +276,7 @@ def pending_rollback_warning(path: Path) -> str:
 
 
 def _open_file(path: Path, entries: tuple[JournalEntry, ...]) -> Checkpoint:
-    buffer, pending = _map_file(path, entries)
+    buffer, pending = _map_file(path, entries) if isinstance(path, Path) else _remote(path)
     try:
         fmt = _sniff(path, buffer)
         checkpoint = fmt.read(path, buffer)
@@ -294,6 +304,12 @@ def _sniff(path: Path, buffer: Buffer) -> CheckpointFormat:
         if fmt.sniff(head):
             return fmt
     raise CheckpointError(unreadable_message(path, buffer))
+
+
+def _remote(location: object) -> tuple[Buffer, bool]:
+    from lstm_surgeon.remote import open_remote
+
+    return open_remote(str(location)), False
 
 
 def _map_file(path: Path, entries: tuple[JournalEntry, ...]) -> tuple[Buffer, bool]:

@@ -31,6 +31,7 @@ from lstm_surgeon.checkpoint import (
     StorageRef,
     TensorRef,
     close_buffer,
+    is_mapped,
     tensor_view,
 )
 from lstm_surgeon.dtypes import BY_NAME
@@ -411,6 +412,8 @@ class OnnxFormat:
 
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
         onnx = import_onnx()
+        if not is_mapped(buffer):  # a remote file: a protobuf has no index, so read it whole
+            buffer = buffer[0 : len(buffer)]
         if not is_onnx_model(buffer):
             raise CheckpointError(f"{path}: a truncated or malformed ONNX model")
         model = _parse(onnx, path, buffer)

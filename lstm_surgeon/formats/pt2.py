@@ -31,7 +31,6 @@ from lstm_surgeon.errors import CheckpointError, EditError
 from lstm_surgeon.formats.torch_zip import (
     check_byteorder,
     checked_ref,
-    pread_reader,
     record_bytes,
     storage_of,
 )
@@ -91,8 +90,7 @@ class Pt2Format:
         return any(_is_top_level(name, ARCHIVE_FORMAT) for name in records)
 
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
-        with open(path, "rb") as file:
-            records = read_records(path, buffer, pread_reader(file))
+        records = read_records(path, buffer)
         if not self.claims(records):
             raise CheckpointError(f"{path}: not a PT2 archive (no {ARCHIVE_FORMAT} record)")
         return self.read_archive(path, buffer, records)

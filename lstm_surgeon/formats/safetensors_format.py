@@ -123,7 +123,7 @@ def parse_header(path: Path, buffer: mmap.mmap | bytes) -> tuple[dict[str, Any],
     size = len(buffer)
     if size < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-    (length,) = struct.unpack_from("<Q", buffer)
+    (length,) = struct.unpack("<Q", buffer[:8])
     if length > MAX_HEADER_BYTES:
         raise CheckpointError(
             f"{path}: safetensors header of {length} bytes exceeds the 100 MB limit"

@@ -26,6 +26,7 @@ import numpy as np
 
 from lstm_surgeon.checkpoint import (
     TRAINING_COUNTERS,
+    Buffer,
     Checkpoint,
     CheckpointFile,
     Contents,
@@ -114,9 +115,10 @@ class TorchZipFormat:
         `read` hands those to their own format modules."""
         return head.startswith(b"PK\x03\x04")
 
-    def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
-        with open(path, "rb") as file:
-            records = read_records(path, buffer, pread_reader(file))
+    def read(self, path: Path, buffer: Buffer) -> Checkpoint:
+        # Headers are read through the map itself: reopening the path could find another file
+        # renamed over it since it was mapped.
+        records = read_records(path, buffer)
         archive_format = _archive_format(records)
         if archive_format is not None:
             return archive_format.read_archive(path, buffer, records)

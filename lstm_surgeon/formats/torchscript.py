@@ -35,7 +35,6 @@ from lstm_surgeon.formats.pickle_reader import TensorStub
 from lstm_surgeon.formats.torch_zip import (
     Location,
     check_byteorder,
-    pread_reader,
     storage_of,
     tensor_ref,
     tensor_slots,
@@ -70,8 +69,7 @@ class TorchScriptFormat:
         return any(name.endswith("/constants.pkl") and name.count("/") == 1 for name in records)
 
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
-        with open(path, "rb") as file:
-            records = read_records(path, buffer, pread_reader(file))
+        records = read_records(path, buffer)
         if not self.claims(records):
             raise CheckpointError(f"{path}: not a TorchScript archive (no constants.pkl)")
         return self.read_archive(path, buffer, records)

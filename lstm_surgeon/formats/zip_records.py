@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lstm_surgeon.checkpoint import byte_range
 from lstm_surgeon.errors import CheckpointError
 from lstm_surgeon.writing import BytePatch
 
@@ -118,12 +119,8 @@ def crc_problems(
 def crc32_of(buffer: mmap.mmap | bytes, offset: int, size: int, chunk: int = 1 << 24) -> int:
     """CRC-32 of a byte range, in chunks so a large storage is never copied whole."""
     crc = 0
-    view = memoryview(buffer)
-    try:
-        for start in range(offset, offset + size, chunk):
-            crc = zlib.crc32(view[start : min(start + chunk, offset + size)], crc)
-    finally:
-        view.release()
+    for start in range(offset, offset + size, chunk):
+        crc = zlib.crc32(byte_range(buffer, start, min(chunk, offset + size - start)), crc)
     return crc
 
 
