@@ -12,7 +12,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -313,6 +313,12 @@ class EditOptions:
     fsync: bool
     rename: list[str] | None = None
 
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> EditOptions:
+        """The shared options out of a command's arguments (its `locals()`), by name: declared once
+        here instead of copied into every editing command."""
+        return cls(**{option.name: arguments[option.name] for option in fields(cls)})
+
 
 def _selection(
     layer: list[str] | None, sublayer: list[int] | None = None, direction: Direction | None = None
@@ -503,17 +509,7 @@ def set_forget_bias(
     else:
         bias = 1.0 if value is None else value
         planner = lambda ck: plan_set_forget_bias(ck, bias, mode, selection)  # noqa: E731
-    options = EditOptions(
-        output=output,
-        in_place=in_place,
-        force=force,
-        dry_run=dry_run,
-        yes=yes,
-        json=json,
-        backup=backup,
-        fsync=fsync,
-        rename=rename,
-    )
+    options = EditOptions.of(locals())
     _edit(checkpoints, planner, options)
 
 
@@ -555,17 +551,7 @@ def set_gate_bias(
     from lstm_surgeon.surgery import plan_set_gate_bias
 
     selection = _selection(layer, sublayer, direction)
-    options = EditOptions(
-        output=output,
-        in_place=in_place,
-        force=force,
-        dry_run=dry_run,
-        yes=yes,
-        json=json,
-        backup=backup,
-        fsync=fsync,
-        rename=rename,
-    )
+    options = EditOptions.of(locals())
     _edit(
         checkpoints,
         lambda ck: plan_set_gate_bias(ck, gate, value, mode, selection),
@@ -608,17 +594,7 @@ def zero_bias(
     from lstm_surgeon.surgery import plan_zero_bias
 
     selection = _selection(layer, sublayer, direction)
-    options = EditOptions(
-        output=output,
-        in_place=in_place,
-        force=force,
-        dry_run=dry_run,
-        yes=yes,
-        json=json,
-        backup=backup,
-        fsync=fsync,
-        rename=rename,
-    )
+    options = EditOptions.of(locals())
     _edit(
         checkpoints,
         lambda ck: plan_zero_bias(ck, gate or (), drop, selection, drop_optimizer_state),
@@ -652,17 +628,7 @@ def add_bias(
     from lstm_surgeon.surgery import plan_add_bias
 
     selection = _selection(layer)
-    options = EditOptions(
-        output=output,
-        in_place=in_place,
-        force=force,
-        dry_run=dry_run,
-        yes=yes,
-        json=json,
-        backup=backup,
-        fsync=fsync,
-        rename=rename,
-    )
+    options = EditOptions.of(locals())
     _edit(
         checkpoints,
         lambda ck: plan_add_bias(ck, selection, drop_optimizer_state),
@@ -703,17 +669,7 @@ def zero_input(
 
     indices = parse_features(features)
     selection = _selection(layer, None, direction)
-    options = EditOptions(
-        output=output,
-        in_place=in_place,
-        force=force,
-        dry_run=dry_run,
-        yes=yes,
-        json=json,
-        backup=backup,
-        fsync=fsync,
-        rename=rename,
-    )
+    options = EditOptions.of(locals())
     _edit(
         checkpoints,
         lambda ck: plan_zero_input(ck, indices, selection),

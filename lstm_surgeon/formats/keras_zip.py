@@ -34,12 +34,11 @@ from lstm_surgeon.formats.hdf5_format import (
     require_same_datasets,
     write_values,
 )
-from lstm_surgeon.formats.zip_records import ZipRecord, read_records
+from lstm_surgeon.formats.zip_records import LOCAL_HEADER, ZipRecord, crc_problems, read_records
 from lstm_surgeon.writing import BytePatch, Progress
 
 WEIGHTS, CONFIG, METADATA = "model.weights.h5", "config.json", "metadata.json"
 MAX_JSON_BYTES = 64 << 20
-LOCAL_HEADER = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -105,15 +104,7 @@ class KerasZipFormat:
     def checksum_problems(
         self, checkpoint: Checkpoint, progress: Progress | None
     ) -> tuple[int, list[str]]:
-        records = _state(checkpoint).records
-        problems = [
-            f"zip record {record.name}: CRC-32 mismatch (corrupt data)"
-            for record in records.values()
-            if record.stored and not record.check_crc(checkpoint.buffer)
-        ]
-        if progress is not None:
-            progress(checkpoint.size)
-        return len(records), problems
+        return crc_problems(checkpoint, _state(checkpoint).records, progress)
 
     def write(
         self,

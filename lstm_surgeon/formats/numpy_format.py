@@ -38,7 +38,7 @@ from lstm_surgeon.checkpoint import (
 )
 from lstm_surgeon.dtypes import BY_NAME, DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
-from lstm_surgeon.formats.zip_records import LOCAL_HEADER, ZipRecord, read_records
+from lstm_surgeon.formats.zip_records import LOCAL_HEADER, ZipRecord, crc_problems, read_records
 from lstm_surgeon.writing import BytePatch, Progress
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -248,16 +248,7 @@ class NpzFormat:
     def checksum_problems(
         self, checkpoint: Checkpoint, progress: Progress | None
     ) -> tuple[int, list[str]]:
-        """Stored members are checked here; deflated ones were checked when they were inflated."""
-        records = _state(checkpoint).records
-        problems = [
-            f"zip member {record.name}: CRC-32 mismatch (corrupt data)"
-            for record in records.values()
-            if record.stored and not record.check_crc(checkpoint.buffer)
-        ]
-        if progress is not None:
-            progress(checkpoint.size)
-        return len(records), problems
+        return crc_problems(checkpoint, _state(checkpoint).records, progress)
 
     def write(
         self,
