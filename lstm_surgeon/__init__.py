@@ -1,4 +1,4 @@
-"""lstm-surgeon: inspect and edit the recurrent layers inside saved PyTorch checkpoints.
+"""lstm-surgeon: inspect and edit the recurrent layers inside saved models (PyTorch, ONNX, Keras...).
 
 The library is the product; the `lstm-surgeon` command is a thin layer over these functions. Names are
 imported on first use, so `import lstm_surgeon` (and `lstm-surgeon --help`) stays fast.

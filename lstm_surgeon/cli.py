@@ -63,8 +63,8 @@ class SurgeonGroup(TyperGroup):
 
 app = typer.Typer(
     name="lstm-surgeon",
-    help="Inspect and edit the LSTM, GRU and RNN layers inside saved PyTorch checkpoints "
-    "(torch.save .pt files and .safetensors), without the training code.",
+    help="Inspect and edit the LSTM, GRU and RNN layers inside saved models (PyTorch, ONNX, "
+    "Keras, numpy; single files, sharded or distributed folders, URLs), without the training code.",
     no_args_is_help=True,
     cls=SurgeonGroup,
     pretty_exceptions_enable=False,
