@@ -36,7 +36,7 @@ from lstm_surgeon.checkpoint import (
 )
 from lstm_surgeon.errors import CheckpointError, EditError
 from lstm_surgeon.formats.numpy_format import NpyArray, element_type, numpy_array
-from lstm_surgeon.formats.pickle_reader import Opaque, resolve_global
+from lstm_surgeon.formats.pickle_reader import READ_ERRORS, Opaque, resolve_global
 from lstm_surgeon.writing import BytePatch, Progress
 
 PICKLE_PROTOCOLS = range(2, 6)
@@ -190,20 +190,7 @@ class _LocatingUnpickler(pickle._Unpickler):  # type: ignore[misc,name-defined]
     )
 
 
-READ_ERRORS = (
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    KeyError,
-    MemoryError,
-    RecursionError,
-    UnicodeDecodeError,
-    OverflowError,
-    struct.error,
-)
+UNPICKLING_ERRORS = (*READ_ERRORS, struct.error)
 
 
 @dataclass(frozen=True)
@@ -229,7 +216,7 @@ class NumpyPickleFormat:
     def read(self, path: Path, buffer: mmap.mmap | bytes) -> Checkpoint:
         try:
             root = _LocatingUnpickler(buffer).load()
-        except READ_ERRORS as error:
+        except UNPICKLING_ERRORS as error:
             raise CheckpointError(
                 f"{path}: corrupt pickle ({type(error).__name__}: {error})"
             ) from None

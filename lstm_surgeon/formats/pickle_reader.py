@@ -21,6 +21,21 @@ from typing import Any
 
 from lstm_surgeon.dtypes import BY_NAME, BY_TORCH_STORAGE_CLASS, DType
 
+# What a malformed or hostile pickle makes the never-executing unpickler raise: a corrupt file.
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    MemoryError,
+    RecursionError,
+    UnicodeDecodeError,
+    OverflowError,
+)
+
 
 class StorageType:
     """What `torch.FloatStorage` (and friends) resolve to: the name of an element type ("" untyped),

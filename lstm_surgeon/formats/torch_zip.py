@@ -43,6 +43,7 @@ from lstm_surgeon.dtypes import BY_TORCH_STORAGE_CLASS, DType
 from lstm_surgeon.errors import CheckpointError, EditError, UnsupportedCheckpointError
 from lstm_surgeon.formats.identify import unreadable_zip_message
 from lstm_surgeon.formats.pickle_reader import (
+    READ_ERRORS,
     Call,
     DTypeName,
     Opaque,
@@ -252,19 +253,7 @@ def unpickle(path: Path, data: bytes, what: str = "data.pkl") -> Any:
     """The tree of a pickle read by the never-executing unpickler; any failure is a corrupt file."""
     try:
         return load_safely(data)
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        KeyError,
-        MemoryError,
-        RecursionError,
-        UnicodeDecodeError,
-        OverflowError,
-    ) as error:
+    except READ_ERRORS as error:
         raise CheckpointError(f"{path}: corrupt {what} ({type(error).__name__}: {error})") from None
 
 
